@@ -1,0 +1,371 @@
+"""Shared building blocks for the ggml quantizers, bit-exact with ggml-quants.c.
+
+Conventions that every function here follows (and that exactness depends on):
+
+* Everything is float32 and no operation is fused: `a*b + c` is two roundings, as in ggml-base,
+  which is compiled without FMA contraction. Constants are np.float32 so that no float64 sneaks in.
+* ggml accumulates with `sum += term` left to right in float32. Where such a sum feeds a decision
+  we add the terms one element position at a time (`seq_sum`), never with numpy's pairwise `sum`.
+* Rounding: `nearest_int` is ggml's magic-number trick (round half to even, bit-exact for every float
+  including out-of-range ones); `rint_f32` is the same rounding for |v| <= 4194303, used in the hot
+  search loops where the argument is bounded by construction.
+
+Layouts. The public search functions take `(n_blocks, n)` arrays (one block per row) and return the
+same. Internally everything runs "element-major", `(n, n_blocks)`: element position i of all
+blocks is the contiguous row `a[i]`, so the sequential sums are n vector adds and the search loops
+iterate in Python only over the element positions and search steps, never over blocks. The `_t`
+variants take and return that transposed layout directly (the K-quant pipelines use them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+F32 = np.float32
+GROUP_MAX_EPS = F32(1e-15)
+_MAGIC = F32(12582912.0)  # 1.5 * 2**23: adding it leaves the rounded integer in the low mantissa bits
+
+__all__ = [
+    "F32",
+    "GROUP_MAX_EPS",
+    "fp16_bits",
+    "fp16_round",
+    "fp16_to_f32",
+    "first_max",
+    "first_min",
+    "make_q3_quants",
+    "make_qkx2_quants",
+    "make_qkx3_quants",
+    "make_qp_quants",
+    "make_qx_quants",
+    "nearest_int",
+    "rint_f32",
+    "roundf",
+    "seq_sum",
+]
+
+
+# ----------------------------------------------------------------------------------------- scalars
+
+
+def nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's `nearest_int` (round half to even) as int32, reproducing its bits for any float32.
+
+    For |v| <= 4194303 this is exact rounding; beyond that ggml returns garbage low mantissa bits
+    (its assert is compiled out), and so do we."""
+    v = np.asarray(v, dtype=F32)
+    return (np.asarray(v + _MAGIC).view(np.int32) & 0x007FFFFF) - 0x00400000
+
+
+def rint_f32(v: np.ndarray) -> np.ndarray:
+    """Round half to even, as float32. Equals `nearest_int` only for |v| <= 4194303."""
+    return np.rint(v)
+
+
+def roundf(v: np.ndarray) -> np.ndarray:
+    """C `roundf` (half away from zero), as float32. `v - trunc(v)` is exact, so no 0.49999997 trap."""
+    t = np.trunc(v)
+    frac = v - t
+    return t + np.where(np.abs(frac) >= F32(0.5), np.sign(v), F32(0))
+
+
+def fp16_bits(v: np.ndarray) -> np.ndarray:
+    """GGML_FP32_TO_FP16: round to nearest even, subnormals included (= numpy's cast), as uint16."""
+    with np.errstate(over="ignore"):
+        return np.asarray(v, dtype=F32).astype(np.float16).view(np.uint16)
+
+
+def fp16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """GGML_FP16_TO_FP32 of stored uint16 halves."""
+    return np.asarray(bits, dtype=np.uint16).view(np.float16).astype(F32)
+
+
+def fp16_round(v: np.ndarray) -> np.ndarray:
+    """The float32 value ggml reads back after storing `v` as fp16."""
+    with np.errstate(over="ignore"):
+        return np.asarray(v, dtype=F32).astype(np.float16).astype(F32)
+
+
+# ------------------------------------------------------------------------------------ reductions
+
+
+def seq_sum(a: np.ndarray, axis: int = 0, *, start_with_first: bool = False) -> np.ndarray:
+    """C's `float s = 0; for (i...) s += a[i];` along `axis`, in float32, in index order.
+
+    `start_with_first=True` mimics `float s = a[0]; for (i = 1...) s += a[i];` (no `0 +`, which only
+    differs for a leading -0.0). Use axis 0 on element-major arrays: each step is one contiguous add."""
+    a = np.moveaxis(np.asarray(a, dtype=F32), axis, 0)
+    acc = a[0].copy() if start_with_first else a[0] + F32(0)
+    for i in range(1, a.shape[0]):
+        acc += a[i]
+    return acc
+
+
+def _first_zero_signed(a: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """Fix the sign of zero results of a min/max scan: C keeps the first zero it meets."""
+    zero = value == 0
+    if zero.any():
+        idx = np.argmax(a == 0, axis=0)
+        firsts = np.take_along_axis(a, idx[None], axis=0)[0]
+        value = np.where(zero, firsts, value)
+    return value
+
+
+def first_min(a: np.ndarray) -> np.ndarray:
+    """`m = a[0]; if (a[i] < m) m = a[i];` over axis 0, signed zero included."""
+    return _first_zero_signed(a, a.min(axis=0))
+
+
+def first_max(a: np.ndarray) -> np.ndarray:
+    """`m = a[0]; if (a[i] > m) m = a[i];` over axis 0, signed zero included."""
+    return _first_zero_signed(a, a.max(axis=0))
+
+
+def _signed_absmax(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(amax, max): the largest |a| and the signed value where it first occurs, over axis 0."""
+    ax = np.abs(a)
+    idx = np.argmax(ax, axis=0)
+    amax = np.take_along_axis(ax, idx[None], axis=0)[0]
+    mx = np.take_along_axis(a, idx[None], axis=0)[0]
+    return amax, mx
+
+
+# ---------------------------------------------------------------------------- make_qx_quants
+
+
+def make_qx_quants_t(x: np.ndarray, nmax: int, weights: np.ndarray | None = None):
+    """ggml `make_qx_quants(n, nmax, x, L, rmse_type=1, qw)` on element-major `x` (n, n_blocks).
+
+    Symmetric search of 19 scales; weights default to x*x (rmse_type 1 with qw NULL).
+    Returns (scale float32 (n_blocks,), L uint8 (n, n_blocks) in [0, 2*nmax))."""
+    n, nb = x.shape
+    amax, mx = _signed_absmax(x)
+    dead = amax < GROUP_MAX_EPS
+    mx = np.where(dead, F32(1), mx)
+    w = x * x if weights is None else weights
+    wx = w * x
+    fnmax = F32(nmax)
+    lo, hi = F32(-nmax), F32(nmax - 1)
+
+    def sums(iscale):
+        l = rint_f32(iscale * x)
+        np.clip(l, lo, hi, out=l)
+        return l, seq_sum(wx * l), seq_sum((w * l) * l)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        L, sumlx, suml2 = sums(F32(-nmax) / mx)
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
+        best = scale * sumlx
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            iscale = -(fnmax + F32(0.1) * F32(step)) / mx
+            l, sumlx, suml2 = sums(iscale)
+            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            if better.any():
+                np.copyto(L, l, where=better[None, :])
+                scale = np.where(better, sumlx / suml2, scale)
+                best = np.where(better, scale * sumlx, best)
+    L = (L + fnmax).astype(np.uint8)
+    L[:, dead] = 0
+    scale = np.where(dead, F32(0), scale).astype(F32)
+    return scale, L
+
+
+def make_qx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None = None):
+    """`make_qx_quants` (rmse_type 1) on blocks `x` (n_blocks, n); weights (n_blocks, n) or None (x*x).
+
+    Returns (scale (n_blocks,), L uint8 (n_blocks, n))."""
+    w = None if weights is None else np.ascontiguousarray(np.asarray(weights, F32).T)
+    scale, L = make_qx_quants_t(np.ascontiguousarray(np.asarray(x, F32).T), nmax, w)
+    return scale, np.ascontiguousarray(L.T)
+
+
+# ---------------------------------------------------------------------------- make_q3_quants
+
+
+def make_q3_quants_t(x: np.ndarray, nmax: int):
+    """ggml `make_q3_quants(n, nmax, x, L, do_rmse=true)` on element-major `x` (n, n_blocks).
+
+    Returns (scale (n_blocks,), L uint8 (n, n_blocks) in [0, 2*nmax))."""
+    n, nb = x.shape
+    amax, mx = _signed_absmax(x)
+    dead = amax < GROUP_MAX_EPS
+    mx = np.where(dead, F32(1), mx)
+    lo, hi = F32(-nmax), F32(nmax - 1)
+    w = x * x
+    wx = w * x
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        L = rint_f32((F32(-nmax) / mx) * x)
+        np.clip(L, lo, hi, out=L)
+        sumlx = seq_sum(wx * L)
+        suml2 = seq_sum((w * L) * L)
+        for _ in range(5):  # a pass that changes nothing leaves the state fixed, so no early exit
+            for i in range(n):
+                Li, wi, wxi = L[i], w[i], wx[i]
+                slx = sumlx - wxi * Li
+                sl2 = suml2 - (wi * Li) * Li
+                new_l = np.clip(nearest_int((x[i] * sl2) / slx), -nmax, nmax - 1).astype(F32)
+                slx_n = slx + wxi * new_l
+                sl2_n = sl2 + (wi * new_l) * new_l
+                take = (
+                    (slx > 0) & (new_l != Li) & (sl2_n > 0)
+                    & ((slx_n * slx_n) * suml2 > (sumlx * sumlx) * sl2_n)
+                )
+                L[i] = np.where(take, new_l, Li)
+                sumlx = np.where(take, slx_n, sumlx)
+                suml2 = np.where(take, sl2_n, suml2)
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
+    L = (L + F32(nmax)).astype(np.uint8)
+    L[:, dead] = 0
+    scale[dead] = 0
+    return scale, L
+
+
+def make_q3_quants(x: np.ndarray, nmax: int):
+    """`make_q3_quants(do_rmse=true)` on blocks `x` (n_blocks, n) -> (scale, L uint8 (n_blocks, n))."""
+    scale, L = make_q3_quants_t(np.ascontiguousarray(np.asarray(x, F32).T), nmax)
+    return scale, np.ascontiguousarray(L.T)
+
+
+# ------------------------------------------------------------------------- make_qkx2/3_quants
+
+
+def make_qkx_quants_t(x, weights, nmax, rmin, rdelta, nstep, use_mad):
+    """ggml `make_qkx2_quants` / `make_qkx3_quants` (identical when weights are given) on
+    element-major `x`, `weights` (n, n_blocks): asymmetric scale+min search over nstep+1 steps.
+
+    Returns (scale (n_blocks,), the_min (n_blocks,) = -min as ggml reports it, L uint8 (n, n_blocks))."""
+    n, nb = x.shape
+    w = weights
+    fnmax = F32(nmax)
+    rmin, rdelta = F32(rmin), F32(rdelta)
+    mn = first_min(x)
+    mx = first_max(x)
+    sum_w = seq_sum(w, start_with_first=True)
+    sum_x = seq_sum(w * x, start_with_first=True)
+    mn = np.where(mn > 0, F32(0), mn)
+    flat = mx == mn
+    zero = F32(0)
+
+    def error(scale, m, l):
+        diff = (scale * l + m) - x
+        diff = np.abs(diff) if use_mad else diff * diff
+        return seq_sum(w * diff)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = fnmax / (mx - mn)
+        scale = F32(1) / iscale
+        L = rint_f32(iscale * (x - mn))
+        np.clip(L, zero, fnmax, out=L)
+        best = error(scale, mn, L)
+        for step in range(nstep + 1) if nstep >= 1 else ():
+            iscale = ((rmin + rdelta * F32(step)) + fnmax) / (mx - mn)
+            l = rint_f32(iscale * (x - mn))
+            np.clip(l, zero, fnmax, out=l)
+            wl = w * l
+            sum_l = seq_sum(wl)
+            sum_l2 = seq_sum(wl * l)
+            sum_xl = seq_sum(wl * x)
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            pos = this_min > 0
+            if pos.any():
+                this_min = np.where(pos, zero, this_min)
+                this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+            cur = error(this_scale, this_min, l)
+            better = (D > 0) & (cur < best) & ~flat
+            if better.any():
+                np.copyto(L, l, where=better[None, :])
+                best = np.where(better, cur, best)
+                scale = np.where(better, this_scale, scale)
+                mn = np.where(better, this_min, mn)
+    L = L.astype(np.uint8)
+    L[:, flat] = 0
+    scale = np.where(flat, zero, scale).astype(F32)
+    return scale, (-mn).astype(F32), L
+
+
+def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad=False):
+    """`make_qkx2_quants` on blocks (n_blocks, n) -> (scale, the_min, L uint8 (n_blocks, n))."""
+    xt = np.ascontiguousarray(np.asarray(x, F32).T)
+    wt = np.ascontiguousarray(np.asarray(weights, F32).T)
+    scale, the_min, L = make_qkx_quants_t(xt, wt, nmax, rmin, rdelta, nstep, use_mad)
+    return scale, the_min, np.ascontiguousarray(L.T)
+
+
+def make_qkx3_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad=False):
+    """`make_qkx3_quants` on blocks (n_blocks, n); weights None means x*x (ggml's default)."""
+    x = np.asarray(x, F32)
+    if weights is None:
+        weights = x * x
+    return make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad)
+
+
+# ---------------------------------------------------------------------------- make_qp_quants
+
+
+def make_qp_quants_t(x: np.ndarray, nmax: int, quant_weights: np.ndarray):
+    """ggml `make_qp_quants(n, nmax, x, L, quant_weights)` on element-major (n, n_blocks): the
+    weighted search for non-negative sub-block scales/mins in the K-quants' imatrix paths.
+
+    Returns (scale (n_blocks,), L uint8 (n, n_blocks)); L wraps like ggml's uint8_t stores."""
+    n, nb = x.shape
+    w = quant_weights
+    fnmax = F32(nmax)
+    zero = F32(0)
+    mx = np.maximum(x.max(axis=0), zero)
+    dead = mx < GROUP_MAX_EPS
+    mx = np.where(dead, F32(1), mx)
+    wx = w * x
+
+    def mse(scale, l):
+        diff = x - scale * l
+        return seq_sum((w * diff) * diff)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = fnmax / mx
+        L = nearest_int(iscale * x).astype(np.uint8).astype(F32)
+        best = mse(F32(1) / iscale, L)
+        for step in range(-4, 5):
+            if step == 0:
+                continue
+            iscale_is = (F32(0.1) * F32(step) + fnmax) / mx
+            l = np.minimum(nearest_int(iscale_is * x), nmax).astype(F32)
+            cur = mse(F32(1) / iscale_is, l)
+            better = cur < best
+            best = np.where(better, cur, best)
+            iscale = np.where(better, iscale_is, iscale)
+        l = np.minimum(nearest_int(iscale * x), nmax).astype(F32)
+        L = l.astype(np.int32).astype(np.uint8).astype(F32)
+        sumlx = seq_sum(wx * l)
+        suml2 = seq_sum((w * l) * l)
+        for _ in range(5):  # no early exit needed: an unchanged pass is a fixed point
+            for i in range(n):
+                Li, wi, wxi = L[i], w[i], wx[i]
+                slx = sumlx - wxi * Li
+                sl2 = suml2 - (wi * Li) * Li
+                new_l = np.minimum(nearest_int((x[i] * sl2) / slx), nmax).astype(F32)
+                slx_n = slx + wxi * new_l
+                sl2_n = sl2 + (wi * new_l) * new_l
+                take = (
+                    (slx > 0) & (sl2 > 0) & (new_l != Li)
+                    & ((slx_n * slx_n) * suml2 > (sumlx * sumlx) * sl2_n)
+                )
+                L[i] = np.where(take, new_l.astype(np.int32).astype(np.uint8).astype(F32), Li)
+                sumlx = np.where(take, slx_n, sumlx)
+                suml2 = np.where(take, sl2_n, suml2)
+        scale = np.where(suml2 > 0, sumlx / suml2, zero).astype(F32)
+    L = L.astype(np.uint8)
+    L[:, dead] = 0
+    scale[dead] = 0
+    return scale, L
+
+
+def make_qp_quants(x: np.ndarray, nmax: int, quant_weights: np.ndarray):
+    """`make_qp_quants` on blocks (n_blocks, n) -> (scale, L uint8 (n_blocks, n))."""
+    xt = np.ascontiguousarray(np.asarray(x, F32).T)
+    wt = np.ascontiguousarray(np.asarray(quant_weights, F32).T)
+    scale, L = make_qp_quants_t(xt, nmax, wt)
+    return scale, np.ascontiguousarray(L.T)

@@ -1,0 +1,4 @@
+"""(being written) — registers QUANTIZERS / DEQUANTIZERS, see predictor/quant/__init__.py."""
+
+QUANTIZERS: dict = {}
+DEQUANTIZERS: dict = {}
