@@ -90,7 +90,7 @@ def inspect_model(
 ) -> InspectReport:
     """Sizes, per-tensor GGML types and simulated weight error of each preset for one model."""
     t0 = time.perf_counter()
-    preset_names = [get_preset(p) for p in (presets or STANDARD_PRESETS)]
+    preset_names = [get_preset(p).name for p in (presets or STANDARD_PRESETS)]
     with open_model(path) as reader:
         if not reader.tensors:
             raise InputFileError(

@@ -126,7 +126,7 @@ def read_table(path: str | os.PathLike, table: str) -> pl.DataFrame:
     if size == 0:
         raise SchemaError(f"{path}: {table} table is empty (no header) — the columns must be those documented in predictor/schema.py")
     try:
-        df = pl.read_csv(path, infer_schema=False, missing_utf8_is_empty_string=False)
+        df = pl.read_csv(path, infer_schema=False)
     except Exception as exc:  # polars' CSV errors are not a stable hierarchy
         raise InputFileError(path, f"not a readable CSV ({str(exc).splitlines()[0]})", "fix or regenerate the file") from None
     return validate_frame(df, table, str(path))
@@ -137,6 +137,12 @@ def to_csv_frame(df: pl.DataFrame) -> pl.DataFrame:
     return df.with_columns(
         [pl.col(c).cast(pl.String).str.to_lowercase() for c, t in df.schema.items() if t == pl.Boolean]
     )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_tables_atomic(directory: str | os.PathLike, frames: dict[str, pl.DataFrame]) -> list[Path]:
@@ -151,6 +157,7 @@ def write_tables_atomic(directory: str | os.PathLike, frames: dict[str, pl.DataF
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".csv.tmp", dir=directory)
             os.close(fd)
             temps.append((Path(tmp), directory / TABLE_FILES[name]))
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; tables are ordinary files
             to_csv_frame(df).write_csv(tmp)
         for tmp, final in temps:
             os.replace(tmp, final)

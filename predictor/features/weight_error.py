@@ -120,10 +120,11 @@ def compute_distribution_stats(x: np.ndarray, imatrix: np.ndarray | None) -> dic
 
 
 def _imatrix_for(imatrix, info: TensorInfo) -> np.ndarray | None:
-    """The (n_mat, cols) importance values for a tensor, or None when the imatrix has no entry."""
+    """The (n_mat, cols) importance values for a tensor (one row per expert), None without an entry."""
     if imatrix is None or info.name not in imatrix.entries:
         return None
-    return np.asarray(imatrix.entries[info.name], dtype=np.float32)
+    n_mat = imatrix.entries[info.name].size // info.cols
+    return np.stack([imatrix.vector(info.name, e, cols=info.cols) for e in range(n_mat)])
 
 
 def sample_tensor(

@@ -61,6 +61,8 @@ def _sniff_file(p: Path) -> str:
             return "hf-config"
         raise InputFileError(p, "is JSON but neither a safetensors index (weight_map) nor a "
                                 "Hugging Face config.json (model_type)", f"expected {ACCEPTED}")
+    if head[8:9] == b"{" or p.suffix == ".safetensors":
+        return "safetensors"  # broken safetensors: let its parser say precisely what is wrong
     if head[:4] in (b"PK\x03\x04",) or head[:2] == b"\x80\x02":
         raise InputFileError(p, "looks like a PyTorch pickle/zip checkpoint, which is not supported",
                              "use the model's .safetensors files or a GGUF")

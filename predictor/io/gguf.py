@@ -58,6 +58,7 @@ _FIXED_HEADER = 24  # magic + version + n_tensors + n_kv
 _MIN_KV_BYTES = 14  # u64 key length + 1 key byte + u32 type + 1 value byte
 _MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, 1 name byte, n_dims, one ne, type, offset
 _READ_CHUNK_VALUES = 1 << 22  # dequantize at most ~4M values (16 MiB float32) per step
+_FIX_CORRUPT = "the file is corrupt or not a GGUF file; obtain it again"
 
 # GGUF value types: id -> (name, numpy dtype for scalars and arrays). 8 = string, 9 = array.
 _VALUE_TYPES: dict[int, tuple[str, str | None]] = {
@@ -173,7 +174,7 @@ class _Cursor:
         self.path = path
         self.pos = 0
 
-    def fail(self, problem: str, fix: str = "the file is corrupt or not a GGUF file; obtain it again") -> NoReturn:
+    def fail(self, problem: str, fix: str = _FIX_CORRUPT) -> NoReturn:
         raise InputFileError(self.path, problem, fix)
 
     def remaining(self) -> int:
@@ -184,7 +185,7 @@ class _Cursor:
             if self.limit < self.size:
                 self.fail(
                     f"GGUF header is larger than the {MAX_HEADER_BYTES // (1 << 20)} MiB cap (at {what})",
-                    "this is not a model quantpredict can read",
+                    "metadata this large means the file is corrupt or not a model",
                 )
             self.fail(
                 f"truncated: {what} needs {n} bytes at offset {self.pos} but only "
@@ -217,10 +218,11 @@ class _Cursor:
         raw = self.raw_string(what, max_bytes)
         if not raw:
             self.fail(f"{what} is empty")
-        text = raw.decode("utf-8", "replace")
-        if "\ufffd" in text and "\ufffd".encode() not in raw:
-            self.fail(f"{what} is not valid UTF-8 ({raw[:40]!r})")
-        return text
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        self.fail(f"{what} is not valid UTF-8 ({raw[:40]!r})")
 
     def numeric(self, dtype: str, count: int, what: str) -> np.ndarray:
         itemsize = np.dtype(dtype).itemsize
@@ -332,7 +334,10 @@ def _parse_header(buf: mmap.mmap, size: int, path: str) -> GGUFHeader:
                 "the file needs a newer reader or is corrupt",
             )
         if ne[0] % gtype.block_size:
-            cur.fail(f"tensor {name!r}: row length {ne[0]} is not a multiple of {gtype.name}'s block size {gtype.block_size}")
+            cur.fail(
+                f"tensor {name!r}: row length {ne[0]} is not a multiple of "
+                f"{gtype.name}'s block size {gtype.block_size}"
+            )
         offset = cur.u64(f"data offset of {name!r}")
         if offset % alignment:
             cur.fail(f"tensor {name!r} data offset {offset} is not a multiple of the alignment {alignment}")
@@ -344,7 +349,10 @@ def _parse_header(buf: mmap.mmap, size: int, path: str) -> GGUFHeader:
 
     data_offset = -(-cur.pos // alignment) * alignment
     if raw and data_offset > size:
-        cur.fail(f"data section would start at {data_offset}, past the end of the {size}-byte file", "the file is truncated")
+        cur.fail(
+            f"data section would start at {data_offset}, past the end of the {size}-byte file",
+            "the file is truncated; download or convert it again",
+        )
 
     tensors = []
     for name, shape, tname, offset, n_bytes in raw:
@@ -379,7 +387,9 @@ def _int_value(kv: dict, key: str, path: str, extra: dict) -> int | None:
         return int(v.max())
     if isinstance(v, int) and not isinstance(v, bool):
         return v
-    raise InputFileError(path, f"metadata key {key!r} should be an integer, found {v!r}", "fix the GGUF metadata")
+    raise InputFileError(
+        path, f"metadata key {key!r} should be an integer, found {v!r}", "fix the GGUF metadata (gguf-set-metadata)"
+    )
 
 
 def _build_metadata(header: GGUFHeader) -> ModelMetadata:
@@ -402,7 +412,7 @@ def _build_metadata(header: GGUFHeader) -> ModelMetadata:
         head_dim = hidden // n_heads
     vocab = None
     tokens = kv.get("tokenizer.ggml.tokens")
-    if tokens is not None and hasattr(tokens, "__len__"):
+    if isinstance(tokens, (StringArray, np.ndarray)):
         vocab = len(tokens)
     if vocab is None:
         vocab = arch_int("vocab_size")
@@ -460,7 +470,7 @@ class GGUFModel:
     def tensor(self, name: str) -> TensorInfo:
         t = self._by_name.get(name)
         if t is None:
-            raise UsageError(f"{self.path}: no tensor named {name!r} (the file has {len(self.tensors)} tensors)")
+            raise UsageError(f"{self.path}: no tensor named {name!r} ({len(self.tensors)} tensors in the file)")
         return t
 
     def __contains__(self, name: object) -> bool:
@@ -480,7 +490,7 @@ class GGUFModel:
             raise UsageError(f"rows must be a 1-D array of integer row indices, got {idx.dtype} {idx.shape}")
         idx = idx.astype(np.int64, copy=False)
         if idx.size and (idx.min() < 0 or idx.max() >= t.rows):
-            raise UsageError(f"row indices must lie in [0, {t.rows}) for {t.name} (got {idx.min()}..{idx.max()})")
+            raise UsageError(f"row indices for {t.name} must lie in [0, {t.rows}), got {idx.min()}..{idx.max()}")
         return idx
 
     # -- raw bytes ----------------------------------------------------------------------------
@@ -524,7 +534,9 @@ class GGUFModel:
         return self._read(t, None).reshape(t.shape)
 
     def read_rows(self, name: str, rows) -> np.ndarray:
-        """Selected rows of the flattened (rows, cols) view as float32 (len(rows), cols); reads only those blocks."""
+        """Selected rows of the flattened (rows, cols) view as float32 (len(rows), cols).
+
+        Only the blocks of those rows are read and dequantized (memory ~ len(rows) x cols)."""
         t = self.tensor(name)
         return self._read(t, self._check_rows(t, rows))
 

@@ -1,7 +1,7 @@
 """Importance-matrix (imatrix) files: the GGUF format and the legacy `.dat`, read exactly as llama-quantize.
 
 Both give, per weight tensor, the per-column **mean squared activation** that llama-quantize passes to
-ggml as `quant_weights` (see tests/data/reference/IMATRIX.md, a copy of the reference notes):
+ggml as `quant_weights` (llama.cpp common/imatrix-loader.cpp and tools/quantize/quantize.cpp):
 
 * GGUF (`general.type = "imatrix"`): F32 tensors `<W>.in_sum2` (ne = n_cols, n_mat) and `<W>.counts`
   (n_mat values); value = in_sum2 / float(lround(count)) in float32; an expert with count 0 gets 1s.
@@ -14,7 +14,6 @@ Like llama.cpp, `read_imatrix` tries GGUF first (by magic) and falls back to `.d
 
 from __future__ import annotations
 
-import math
 import mmap
 import os
 import struct
@@ -68,10 +67,12 @@ class Imatrix:
         flat = e.reshape(-1)
         cols = e.shape[1] if cols is None else cols
         if cols <= 0 or flat.size % cols:
-            raise MismatchError(f"{self.path}: imatrix entry {name} has {flat.size} values, not a multiple of {cols} columns")
+            raise MismatchError(
+                f"{self.path}: imatrix entry {name} has {flat.size} values, not a multiple of {cols} columns"
+            )
         n_mat = flat.size // cols
         if not 0 <= expert < n_mat:
-            raise UsageError(f"{self.path}: imatrix entry {name} has {n_mat} matrices; expert {expert} is out of range")
+            raise UsageError(f"{self.path}: imatrix entry {name} has {n_mat} matrices; expert {expert} out of range")
         return flat[expert * cols : (expert + 1) * cols]
 
     def check_against(self, tensors: Sequence[TensorInfo], *, require_all: bool = True) -> None:
@@ -127,7 +128,7 @@ def read_imatrix(path: str | os.PathLike) -> Imatrix:
     except FileNotFoundError:
         raise InputFileError(path, "file not found", "check the path") from None
     except IsADirectoryError:
-        raise InputFileError(path, "is a folder, not an imatrix file", "pass the .gguf or .dat imatrix") from None
+        raise InputFileError(path, "is a folder, not an imatrix file", "pass the .gguf or .dat file") from None
     except OSError as e:
         raise InputFileError(path, f"cannot read the file ({e.strerror or e})", "check the path") from None
     if magic == GGUF_MAGIC:
@@ -144,6 +145,9 @@ def _lround(x: np.ndarray) -> np.ndarray:
 
 
 def _read_gguf_imatrix(path: str) -> Imatrix:
+    def bad(problem: str) -> NoReturn:
+        raise InputFileError(path, problem, _FIX_GET_NEW)
+
     with open_gguf(path, check_finite=False) as g:
         kv, kv_types = g.kv, g.header.kv_types
         needed = ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")
@@ -155,10 +159,10 @@ def _read_gguf_imatrix(path: str) -> Imatrix:
                 "pass the imatrix file written by llama-imatrix, not a model",
             )
         if kv_types["imatrix.datasets"] != "ARRAY[STRING]":
-            raise InputFileError(path, f"imatrix.datasets is {kv_types['imatrix.datasets']}, not an array of strings", _FIX_GET_NEW)
+            bad(f"imatrix.datasets is {kv_types['imatrix.datasets']}, not an array of strings")
         for k in ("imatrix.chunk_count", "imatrix.chunk_size"):
             if not kv_types[k].startswith(("UINT", "INT")):
-                raise InputFileError(path, f"{k} is {kv_types[k]}, not an integer", _FIX_GET_NEW)
+                bad(f"{k} is {kv_types[k]}, not an integer")
         datasets = list(kv["imatrix.datasets"])
 
         pairs: dict[str, list] = {}
@@ -167,24 +171,24 @@ def _read_gguf_imatrix(path: str) -> Imatrix:
                 if t.name.endswith(suffix):
                     pairs.setdefault(t.name[: -len(suffix)], [None, None])[slot] = t
         if not pairs:
-            raise InputFileError(path, "imatrix has no <name>.in_sum2 / <name>.counts tensors", _FIX_GET_NEW)
+            bad("imatrix has no <name>.in_sum2 / <name>.counts tensors")
 
         entries, counts = {}, {}
         for name in sorted(pairs):
             t_sum, t_cnt = pairs[name]
             if t_sum is None or t_cnt is None:
-                raise InputFileError(path, f"imatrix entry {name} has only one of .in_sum2 / .counts", _FIX_GET_NEW)
+                bad(f"imatrix entry {name} has only one of .in_sum2 / .counts")
             if t_sum.dtype != "F32" or t_cnt.dtype != "F32":
-                raise InputFileError(path, f"imatrix entry {name} is stored as {t_sum.dtype}/{t_cnt.dtype}, not F32", _FIX_GET_NEW)
+                bad(f"imatrix entry {name} is stored as {t_sum.dtype}/{t_cnt.dtype}, not F32")
             sums = g.read_tensor(t_sum.name).reshape(-1)
             cnt = g.read_tensor(t_cnt.name).reshape(-1)
             n_mat = cnt.size
             if sums.size % n_mat:
-                raise InputFileError(path, f"imatrix entry {name}: {sums.size} sums do not split into {n_mat} matrices", _FIX_GET_NEW)
+                bad(f"imatrix entry {name}: {sums.size} sums do not split into {n_mat} matrices")
             if not (np.isfinite(sums).all() and np.isfinite(cnt).all()):
-                raise InputFileError(path, f"imatrix entry {name} contains NaN or Inf", _FIX_GET_NEW)
+                bad(f"imatrix entry {name} contains NaN or Inf")
             if (cnt < 0).any() or (cnt > 2.0**62).any():
-                raise InputFileError(path, f"imatrix entry {name} has impossible counts {cnt[:4].tolist()}", _FIX_GET_NEW)
+                bad(f"imatrix entry {name} has impossible counts {cnt[:4].tolist()}")
             n = _lround(cnt)
             nf = n.astype(np.float32)  # C: (float) int64 count, then a float32 division
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -192,9 +196,8 @@ def _read_gguf_imatrix(path: str) -> Imatrix:
             values[n == 0] = np.float32(1.0)
             entries[name] = _frozen(values)
             counts[name] = _frozen(n)
-        return Imatrix(
-            path, entries, counts, int(kv["imatrix.chunk_count"]), int(kv["imatrix.chunk_size"]), datasets, "gguf"
-        )
+        chunk_count, chunk_size = int(kv["imatrix.chunk_count"]), int(kv["imatrix.chunk_size"])
+        return Imatrix(path, entries, counts, chunk_count, chunk_size, datasets, "gguf")
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -225,7 +228,8 @@ class _DatCursor:
 
     def take(self, n: int, what: str) -> int:
         if n > self.size - self.pos:
-            self.fail(f"truncated at {what} (needs {n} bytes at offset {self.pos}, {self.size - self.pos} left)")
+            left = self.size - self.pos
+            self.fail(f"truncated at {what} (needs {n} bytes at offset {self.pos}, {left} left)")
         start = self.pos
         self.pos += n
         return start
@@ -272,7 +276,8 @@ def _parse_dat(buf, size: int, path: str) -> Imatrix:
         ncall = cur.i32(f"ncall of {name}")
         nval = cur.i32(f"value count of {name}")
         if nval < 1 or nval * 4 > cur.remaining():
-            cur.fail(f"entry {name} claims {nval} values but {cur.remaining()} bytes remain")
+            left = cur.remaining()
+            cur.fail(f"entry {name} claims {nval} values but {left} bytes remain (truncated or corrupt)")
         values = np.frombuffer(buf, dtype="<f4", count=nval, offset=cur.take(4 * nval, f"values of {name}"))
         values = values.astype(np.float32)  # copy out of the mapping
         if not np.isfinite(values).all():
@@ -316,7 +321,8 @@ def write_imatrix_gguf(
 
     datasets = [str(d) for d in datasets]
     if set(sums) != set(counts):
-        raise UsageError(f"sums and counts must have the same names; differ in {_some(sorted(set(sums) ^ set(counts)))}")
+        differ = _some(sorted(set(sums) ^ set(counts)))
+        raise UsageError(f"sums and counts must have the same names; they differ in {differ}")
     if not sums:
         raise UsageError("an imatrix needs at least one entry")
     if not datasets:
@@ -330,7 +336,9 @@ def write_imatrix_gguf(
         s = s.reshape(1, -1) if s.ndim == 1 else s
         c = np.asarray(counts[name], dtype=np.float32).reshape(-1)
         if s.ndim != 2 or c.size != s.shape[0]:
-            raise UsageError(f"{name}: sums must be (n_mat, n_cols) with n_mat = len(counts); got {s.shape} and {c.size} counts")
+            raise UsageError(
+                f"{name}: sums must be (n_mat, n_cols) with n_mat = len(counts); got {s.shape} and {c.size} counts"
+            )
         if not (np.isfinite(s).all() and np.isfinite(c).all()) or (c < 0).any():
             raise UsageError(f"{name}: sums and counts must be finite and counts non-negative")
         # GGUF records ggml_n_dims: trailing dimensions of 1 are dropped (dense: 1-D sums, 1 count).

@@ -207,6 +207,18 @@ def _to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     return raw.astype(np.float32)  # copies F32 too, so callers never hold a view of the mmap
 
 
+def _convert_into(out: np.ndarray, raw: np.ndarray, dtype: str) -> None:
+    if dtype == "BF16":
+        u = out.view(np.uint32)
+        u[...] = raw
+        u <<= 16
+    else:
+        out[...] = raw
+
+
+_READ_SLICE_BYTES = 64 * 1024 * 1024
+
+
 class _MappedFile:
     """One open safetensors file, mapped lazily on first read."""
 
@@ -229,6 +241,23 @@ class _MappedFile:
                 raise InputFileError(path, f"cannot map the file ({e.strerror or e})",
                                      "check the path and its permissions") from None
         return self._mm
+
+    def advise(self, offset: int, n_bytes: int, option: str) -> None:
+        """madvise a byte range (no-op where unsupported). Used as:
+        RANDOM before reading scattered rows: no readahead, which on kernels with large page-cache
+          folios would otherwise map ~2 MB per row touched (measured: 256 rows -> +430 MB RSS);
+        SEQUENTIAL before a whole-tensor read; DONTNEED after copying out, so resident memory stays
+          bounded by what we hold, not by what we have read (the page cache keeps the data)."""
+        mm = self._mm
+        flag = getattr(mmap, "MADV_" + option, None)
+        if mm is None or n_bytes <= 0 or flag is None:
+            return
+        start = offset - offset % mmap.PAGESIZE
+        end = min(offset + n_bytes, len(mm))
+        try:
+            mm.madvise(flag, start, end - start)
+        except (OSError, ValueError):
+            pass
 
     def close(self) -> None:
         if self._mm is not None:
@@ -321,8 +350,17 @@ class SafetensorsReader:
     def read_tensor(self, name: str) -> np.ndarray:
         """Whole tensor as float32 in its numpy shape."""
         info = self.tensor(name)
-        x = _to_float32(self._raw(info), info.dtype).reshape(info.shape)
-        return self._check(info, x, "")
+        raw = self._raw(info)
+        f = self._files[info.file]
+        f.advise(info.offset, info.n_bytes, "SEQUENTIAL")
+        # Convert in slices, unmapping each after use: peak memory = the float32 result + one slice.
+        x = np.empty(raw.size, np.float32)
+        step = _READ_SLICE_BYTES // raw.itemsize if raw.size else 1
+        for s in range(0, raw.size, step):
+            _convert_into(x[s:s + step], raw[s:s + step], info.dtype)
+            f.advise(info.offset + s * raw.itemsize, step * raw.itemsize, "DONTNEED")
+        del raw
+        return self._check(info, x.reshape(info.shape), "")
 
     def read_rows(self, name: str, rows) -> np.ndarray:
         """Rows `rows` (indices into the (n_rows, cols) view, any order, repeats allowed) as float32.
@@ -338,7 +376,11 @@ class SafetensorsReader:
         if idx.min() < 0 or idx.max() >= n_rows:
             raise UsageError(f"read_rows({name!r}): row index out of range 0..{n_rows - 1}")
         mat = self._raw(info).reshape(n_rows, cols)
+        f = self._files[info.file]
+        f.advise(info.offset, info.n_bytes, "RANDOM")
         x = _to_float32(mat[idx], info.dtype)
+        del mat
+        f.advise(info.offset, info.n_bytes, "DONTNEED")
         return self._check(info, x, " in the rows read")
 
     def iter_tensors(self) -> Iterator[tuple[TensorInfo, np.ndarray]]:

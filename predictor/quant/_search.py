@@ -89,16 +89,42 @@ def fp16_round(v: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------ reductions
 
 
-def seq_sum(a: np.ndarray, axis: int = 0, *, start_with_first: bool = False) -> np.ndarray:
-    """C's `float s = 0; for (i...) s += a[i];` along `axis`, in float32, in index order.
-
-    `start_with_first=True` mimics `float s = a[0]; for (i = 1...) s += a[i];` (no `0 +`, which only
-    differs for a leading -0.0). Use axis 0 on element-major arrays: each step is one contiguous add."""
-    a = np.moveaxis(np.asarray(a, dtype=F32), axis, 0)
+def _loop_sum(a: np.ndarray, start_with_first: bool) -> np.ndarray:
     acc = a[0].copy() if start_with_first else a[0] + F32(0)
     for i in range(1, a.shape[0]):
         acc += a[i]
     return acc
+
+
+def _reduce_is_sequential() -> bool:
+    """numpy reduces a C-contiguous (n, m>=2) float32 array over axis 0 row by row (the pairwise
+    summation only applies along the innermost memory axis). Checked once at import on data where
+    the orders disagree, so a numpy that behaves otherwise silently gets the explicit loop."""
+    rng = np.random.default_rng(7)
+    for n, m in ((5, 2), (33, 3), (256, 64)):
+        a = (rng.standard_normal((n, m)) * 10.0 ** rng.uniform(-4, 4, (n, m))).astype(F32)
+        if not np.array_equal(np.add.reduce(a, axis=0, initial=F32(0)), _loop_sum(a, False)):
+            return False
+    return True
+
+
+_REDUCE_OK = _reduce_is_sequential()
+
+
+def seq_sum(a: np.ndarray, axis: int = 0, *, start_with_first: bool = False) -> np.ndarray:
+    """C's `float s = 0; for (i...) s += a[i];` along `axis`, in float32, in index order.
+
+    `start_with_first=True` mimics `float s = a[0]; for (i = 1...) s += a[i];` (no `0 +`, which only
+    differs for a leading -0.0). Fastest on element-major arrays with axis 0."""
+    a = np.asarray(a, dtype=F32)
+    if axis != 0:
+        a = np.moveaxis(a, axis, 0)
+    if _REDUCE_OK and a.ndim == 2 and a.shape[1] >= 2 and a.shape[0] >= 1:
+        a = np.ascontiguousarray(a)  # row-by-row order needs axis 0 to be the outer memory axis
+        if start_with_first:
+            return np.add.reduce(a, axis=0)
+        return np.add.reduce(a, axis=0, initial=F32(0))
+    return _loop_sum(a, start_with_first)
 
 
 def _first_zero_signed(a: np.ndarray, value: np.ndarray) -> np.ndarray:
@@ -236,37 +262,53 @@ def make_qkx_quants_t(x, weights, nmax, rmin, rdelta, nstep, use_mad):
     element-major `x`, `weights` (n, n_blocks): asymmetric scale+min search over nstep+1 steps.
 
     Returns (scale (n_blocks,), the_min (n_blocks,) = -min as ggml reports it, L uint8 (n, n_blocks))."""
-    n, nb = x.shape
-    w = weights
-    fnmax = F32(nmax)
+    x = np.ascontiguousarray(x, dtype=F32)
+    w = np.ascontiguousarray(weights, dtype=F32)
+    fnmax, zero = F32(nmax), F32(0)
     rmin, rdelta = F32(rmin), F32(rdelta)
     mn = first_min(x)
     mx = first_max(x)
     sum_w = seq_sum(w, start_with_first=True)
     sum_x = seq_sum(w * x, start_with_first=True)
-    mn = np.where(mn > 0, F32(0), mn)
+    mn = np.where(mn > 0, zero, mn)
     flat = mx == mn
-    zero = F32(0)
+    l = np.empty_like(x)  # this step's levels
+    t = np.empty_like(x)  # scratch
+    wl = np.empty_like(x)
 
-    def error(scale, m, l):
-        diff = (scale * l + m) - x
-        diff = np.abs(diff) if use_mad else diff * diff
-        return seq_sum(w * diff)
+    def levels(iscale, xm):
+        np.multiply(xm, iscale, out=l)
+        np.rint(l, out=l)
+        np.clip(l, zero, fnmax, out=l)
+
+    def error(scale, m):
+        # C: diff = scale*l + min - x; err += w * (use_mad ? |diff| : diff*diff)
+        np.multiply(l, scale, out=t)
+        np.add(t, m, out=t)
+        np.subtract(t, x, out=t)
+        if use_mad:
+            np.abs(t, out=t)
+        else:
+            np.multiply(t, t, out=t)
+        np.multiply(t, w, out=t)
+        return seq_sum(t)
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        xm = x - mn
         iscale = fnmax / (mx - mn)
+        levels(iscale, xm)
         scale = F32(1) / iscale
-        L = rint_f32(iscale * (x - mn))
-        np.clip(L, zero, fnmax, out=L)
-        best = error(scale, mn, L)
+        best = error(scale, mn)
+        L = l.copy()
         for step in range(nstep + 1) if nstep >= 1 else ():
             iscale = ((rmin + rdelta * F32(step)) + fnmax) / (mx - mn)
-            l = rint_f32(iscale * (x - mn))
-            np.clip(l, zero, fnmax, out=l)
-            wl = w * l
+            levels(iscale, xm)
+            np.multiply(w, l, out=wl)
             sum_l = seq_sum(wl)
-            sum_l2 = seq_sum(wl * l)
-            sum_xl = seq_sum(wl * x)
+            np.multiply(wl, l, out=t)
+            sum_l2 = seq_sum(t)
+            np.multiply(wl, x, out=t)
+            sum_xl = seq_sum(t)
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -274,15 +316,16 @@ def make_qkx_quants_t(x, weights, nmax, rmin, rdelta, nstep, use_mad):
             if pos.any():
                 this_min = np.where(pos, zero, this_min)
                 this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-            cur = error(this_scale, this_min, l)
+            cur = error(this_scale, this_min)
             better = (D > 0) & (cur < best) & ~flat
             if better.any():
-                np.copyto(L, l, where=better[None, :])
+                np.copyto(L, l, where=better)
                 best = np.where(better, cur, best)
                 scale = np.where(better, this_scale, scale)
                 mn = np.where(better, this_min, mn)
+                np.subtract(x, mn, out=xm)
+    L[:, flat] = 0  # (NaN there: 0 * inf)
     L = L.astype(np.uint8)
-    L[:, flat] = 0
     scale = np.where(flat, zero, scale).astype(F32)
     return scale, (-mn).astype(F32), L
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from predictor.quant._iq_grids import best_neighbours, grid_tables
+
 F32 = np.float32
 QK_K = 256
 
 # Elements per chunk: bounds the temporaries of the searches (a few dozen arrays this size).
-_CHUNK_ELEMENTS = 1 << 19
+_CHUNK_ELEMENTS = 1 << 15
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -29,8 +31,17 @@ def _seq_sum(a: np.ndarray) -> np.ndarray:
 
 
 def _nearest_int(v: np.ndarray) -> np.ndarray:
-    """ggml's nearest_int (magic-number trick) is round-half-to-even, i.e. rint, for |v| < 2**22."""
-    return np.rint(v).astype(np.int32)
+    """ggml's nearest_int: the float32 magic-number trick (round half to even for |v| < 2**22)."""
+    t = (np.asarray(v, dtype=F32) + F32(12582912)).view(np.int32)
+    return (t & 0x007FFFFF) - 0x00400000
+
+
+def _seq_sum_last(a: np.ndarray) -> np.ndarray:
+    """Sum over the last axis left to right in float32."""
+    s = a[..., 0].copy()
+    for k in range(1, a.shape[-1]):
+        s += a[..., k]
+    return s
 
 
 def _fp16_bytes(d: np.ndarray) -> np.ndarray:
@@ -78,42 +89,53 @@ KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 3
 _IQ4_VALS = KVALUES_IQ4NL.astype(F32)
 
 
-def _build_index_tables(values: np.ndarray):
-    """Tables for best_index_int8 over integer grid values, indexed by floor(clip(x)) - values[0].
+def _nearest_thresholds(values: np.ndarray) -> np.ndarray:
+    """For each adjacent pair (a, b) the smallest float32 x with fl(x - a) >= fl(b - x): from there on
+    best_index_int8 picks b. The test is monotone in x, so one threshold per pair describes it exactly."""
+    out = []
+    for a, b in zip(values[:-1].astype(F32), values[1:].astype(F32)):
+        def picks_upper(x, a=a, b=b):
+            return F32(x - a) >= F32(b - x)
+        x = F32((float(a) + float(b)) / 2)
+        while picks_upper(np.nextafter(x, F32(-np.inf))):
+            x = np.nextafter(x, F32(-np.inf))
+        while not picks_upper(x):
+            x = np.nextafter(x, F32(np.inf))
+        out.append(x)
+    return np.array(out, F32)
 
-    For x in [k, k+1), ml is the last value <= x (kept within 0..n-2) and lo/hi the two candidates."""
-    v = values.astype(np.int64)
-    ks = np.arange(v[0], v[-1])  # floor values after clipping x to [v0, v_last - 1]
-    ml = np.searchsorted(v, ks, side="right") - 1
-    ml = np.clip(ml, 0, len(v) - 2)
-    return ml.astype(np.int8), v[ml].astype(F32), v[ml + 1].astype(F32)
+
+# best_index_int8 over kvalues_iq4nl is a step function whose steps all sit on multiples of 1/2, so the
+# index is a table lookup on floor(2*x). The table spans |x| < 136, more than any search scale reaches.
+_IQ4_THRESH = _nearest_thresholds(KVALUES_IQ4NL)
+assert np.array_equal(_IQ4_THRESH * 2, np.floor(_IQ4_THRESH * 2)), "IQ4 steps are not on half-integers"
+_IQ4_HALF_OFFSET = 272
+_IQ4_INDEX = np.searchsorted(
+    _IQ4_THRESH * 2, np.arange(-_IQ4_HALF_OFFSET, _IQ4_HALF_OFFSET), side="right"
+).astype(np.uint8)
+_IQ4_VALUE = _IQ4_VALS[_IQ4_INDEX]
 
 
-_IQ4_ML, _IQ4_LO, _IQ4_HI = _build_index_tables(KVALUES_IQ4NL)
+def _half_bucket(al2: np.ndarray, clip: bool) -> np.ndarray:
+    """Table row for doubled scaled values al2 = 2*x (int32 >= 0); clip for unbounded inputs.
+    Overwrites al2."""
+    if clip:
+        np.clip(al2, F32(-256), F32(256), out=al2)
+    np.floor(al2, out=al2)
+    k = al2.astype(np.int32)
+    k += _IQ4_HALF_OFFSET
+    return k
 
 
 def _best_index_iq4(al: np.ndarray) -> np.ndarray:
-    """ggml's best_index_int8(16, kvalues_iq4nl, al) element-wise: the nearer of the two neighbouring
-    values, ties (in float32 arithmetic `al - lo < hi - al`) going to the upper one."""
-    k = np.clip(al, F32(-127), F32(112))
-    np.floor(k, out=k)
-    k += F32(127)
-    k = k.astype(np.intp)
-    lo = _IQ4_LO[k]
-    hi = _IQ4_HI[k]
-    up = (al - lo) >= (hi - al)
-    return _IQ4_ML[k] + up  # int8 + bool -> int8 in 0..15
-
-
-def _iq4_sums(X, W, inv):
-    """sum(w*q*x) and sum(w*q*q) for the grid indices chosen at scale 1/inv, in ggml's order."""
-    q = _IQ4_VALS[_best_index_iq4(inv * X)]
-    wq = W * q
-    return _seq_sum(wq * X), _seq_sum(wq * q)
+    """ggml's best_index_int8(16, kvalues_iq4nl, al), element-wise (uint8 0..15)."""
+    with np.errstate(over="ignore"):
+        al2 = al * F32(2)
+    return _IQ4_INDEX.take(_half_bucket(al2, clip=True))
 
 
 def _iq4_block_scales(X, W, ntry=7):
-    """Scale search of quantize_row_iq4_nl_impl for 32-element blocks, X and W (32, n)."""
+    """Scale search of quantize_row_iq4_nl_impl for 32-element blocks; X and W are (32, n)."""
     n = X.shape[1]
     ax = np.abs(X)
     imax = np.argmax(ax, axis=0)  # first index of the largest |x|, as the strict `>` loop
@@ -121,16 +143,29 @@ def _iq4_block_scales(X, W, ntry=7):
     amax = ax[imax, cols]
     mx = X[imax, cols]
     empty = amax < F32(1e-15)
-    mx = np.where(empty, F32(1), mx)  # avoid 1/0 warnings; these blocks get scale 0 below
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+    mx = np.where(empty, F32(1), mx)  # avoid 1/0; these blocks get scale 0 below
+    wq = np.empty_like(X)
+    al2 = np.empty_like(X)
+    prods = np.empty((X.shape[0], 2, n), F32)  # w*q*x and w*q*q side by side: one loop sums both
+
+    def sums(inv):
+        # 2*(inv*x) == (2*inv)*x exactly (power of two), so the doubling is folded into the scale
+        np.multiply(X, inv * F32(2), out=al2)
+        q = _IQ4_VALUE.take(_half_bucket(al2, clip=False))
+        np.multiply(W, q, out=wq)
+        np.multiply(wq, X, out=prods[:, 0])
+        np.multiply(wq, q, out=prods[:, 1])
+        s = _seq_sum(prods)
+        return s[0], s[1]
+
+    with np.errstate(divide="ignore", invalid="ignore"):
         d = (-mx) / F32(KVALUES_IQ4NL[0]) if ntry > 0 else mx / F32(KVALUES_IQ4NL[0])
-        sumqx, sumq2 = _iq4_sums(X, W, F32(1) / d)
+        sumqx, sumq2 = sums(F32(1) / d)
         pos = sumq2 > 0
         d = np.where(pos, sumqx / np.where(pos, sumq2, F32(1)), F32(0))
         best = d * sumqx
         for itry in range(-ntry, ntry + 1):
-            inv = F32(itry + int(KVALUES_IQ4NL[0])) / mx
-            sumqx, sumq2 = _iq4_sums(X, W, inv)
+            sumqx, sumq2 = sums(F32(itry + int(KVALUES_IQ4NL[0])) / mx)
             better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
             d = np.where(better, sumqx / np.where(better, sumq2, F32(1)), d)
             best = np.where(better, d * sumqx, best)
@@ -229,9 +264,260 @@ def dequantize_iq4_xs(q, cols):
     return (dl[:, :, None] * v).reshape(q.shape[0], cols)
 
 
+# ------------------------------------------------------------------------------ TQ1_0 / TQ2_0 / MXFP4
+
+
+def _lround(v: np.ndarray) -> np.ndarray:
+    """C lroundf: round half away from zero (v - trunc(v) is exact, so no float32 +0.5 trap)."""
+    t = np.trunc(v)
+    frac = v - t
+    return (t + np.sign(frac) * (np.abs(frac) >= F32(0.5))).astype(np.int32)
+
+
+def _ternary(xb):
+    """Shared by TQ1_0/TQ2_0: d = max|x| (fp16), trits lround(x/d) + 1 in 0..2."""
+    amax = np.abs(xb).max(axis=1)  # a max is order-independent
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, F32(1) / amax, F32(0)).astype(F32)
+    return amax, (_lround(xb * inv[:, None]) + 1).astype(np.uint8)
+
+
+def _pack_trits(t: np.ndarray) -> np.ndarray:
+    """(n, 5, m) trits, first one most significant -> (n, m) bytes scaled so a byte times 3 >> 8
+    recovers the leading trit: ceil(q * 256 / 243)."""
+    q = np.zeros(t.shape[::2], np.uint16)
+    for k in range(t.shape[1]):
+        q = q * 3 + t[:, k]
+    return ((q * 256 + 242) // 243).astype(np.uint8)
+
+
+def _tq1_0_blocks(xb, qwb):
+    # block_tq1_0: qs[48] | qh[4] | d fp16.  qs[m] (m < 32) packs elements m + 32k, k = 0..4;
+    # qs[32 + m] (m < 16) packs 160 + m + 16k; qh[j] packs 240 + j + 4k (k = 0..3) and a zero trit.
+    n = xb.shape[0]
+    amax, t = _ternary(xb)
+    out = np.empty((n, 54), np.uint8)
+    out[:, 0:32] = _pack_trits(t[:, :160].reshape(n, 5, 32))
+    out[:, 32:48] = _pack_trits(t[:, 160:240].reshape(n, 5, 16))
+    qh = np.concatenate([t[:, 240:].reshape(n, 4, 4), np.zeros((n, 1, 4), np.uint8)], axis=1)
+    out[:, 48:52] = _pack_trits(qh)
+    out[:, 52:54] = _fp16_bytes(amax)
+    return out
+
+
+def _tq2_0_blocks(xb, qwb):
+    # block_tq2_0: qs[64] | d fp16.  qs[32c + m] holds element 128c + m + 32k in bits 2k..2k+1.
+    n = xb.shape[0]
+    amax, t = _ternary(xb)
+    t = t.reshape(n, 2, 4, 32)
+    qs = t[:, :, 0] | (t[:, :, 1] << 2) | (t[:, :, 2] << 4) | (t[:, :, 3] << 6)
+    out = np.empty((n, 66), np.uint8)
+    out[:, :64] = qs.reshape(n, 64)
+    out[:, 64:] = _fp16_bytes(amax)
+    return out
+
+
+KVALUES_MXFP4 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int8)
+
+
+def _e8m0_half(e: np.ndarray) -> np.ndarray:
+    """ggml_e8m0_to_fp32_half: 2**(e - 128) as float32 (subnormal for e < 2)."""
+    e = e.astype(np.uint32)
+    bits = np.where(e < 2, np.uint32(0x00200000) << e, (e - 1) << 23).astype(np.uint32)
+    return bits.view(F32)
+
+
+def _mxfp4_blocks(xb, qwb):
+    # block_mxfp4: e (E8M0 exponent) | qs[16], byte j = element j (low nibble) | element j+16 (high)
+    n = xb.shape[0]
+    amax = np.abs(xb).max(axis=1)
+    # floorf(log2f(amax)): log2 in float64 rounded to float32 is the correctly rounded log2f
+    with np.errstate(divide="ignore"):
+        lg = np.floor(np.log2(amax.astype(np.float64)).astype(F32))
+    e = np.where(amax > 0, (lg - 2 + 127), 0).astype(np.int32).astype(np.uint8)
+    d = _e8m0_half(e)
+    vals = KVALUES_MXFP4.astype(F32)
+    best = np.zeros(xb.shape, np.uint8)
+    best_err = np.abs(vals[0] * d[:, None] - xb)
+    for i in range(1, 16):
+        err = np.abs(vals[i] * d[:, None] - xb)
+        better = err < best_err  # strict: the first of equal candidates wins, as in ggml
+        best[better] = i
+        np.minimum(best_err, err, out=best_err)
+    out = np.empty((n, 17), np.uint8)
+    out[:, 0] = e
+    out[:, 1:] = _pack_nibbles32(best)
+    return out
+
+
+def quantize_tq1_0(x, imatrix):
+    return _blockwise(x, None, QK_K, 54, _tq1_0_blocks)
+
+
+def quantize_tq2_0(x, imatrix):
+    return _blockwise(x, None, QK_K, 66, _tq2_0_blocks)
+
+
+def quantize_mxfp4(x, imatrix):
+    return _blockwise(x, None, 32, 17, _mxfp4_blocks)
+
+
+# --------------------------------------------------------------------- IQ2 / IQ3 lattice searches
+#
+# All of quantize_row_iq2_xxs/iq2_xs/iq2_s/iq3_xxs/iq3_s_impl share one shape: per sub-block, take
+# |x| (choosing signs), try a range of scales; at each, round every group of m values to levels
+# l = nearest_int((x/scale - 1)/2), look the level vector up in the grid, and if it is not a grid point
+# take the best of its precomputed neighbours; keep the scale with the best weighted fit; finally
+# re-round at the chosen scale. The pieces that differ between the types are parameters.
+
+
+def _flip_signs(xb, weight, parity: bool):
+    """xval = |x| (ggml keeps -0.0 as is) and a sign byte per group of 8.
+
+    With parity (IQ2_XXS/XS, IQ3_XXS) only 7 sign bits are stored, so an odd number of negatives is
+    made even by flipping the element with the smallest weight*x*x (first on ties)."""
+    n, B = xb.shape
+    neg = xb < 0
+    xval = np.where(neg, -xb, xb)
+    neg8 = neg.reshape(n, B // 8, 8)
+    bits = (neg8.astype(np.uint8) << np.arange(8, dtype=np.uint8)).sum(axis=2, dtype=np.uint8)
+    if parity:
+        odd = neg8.sum(axis=2) % 2 == 1
+        if odd.any():
+            ax = ((weight * xb) * xb).reshape(n, B // 8, 8)
+            imin = np.argmin(ax, axis=2)
+            bi, gi = np.nonzero(odd)
+            col = gi * 8 + imin[bi, gi]
+            xval[bi, col] = -xval[bi, col]
+            bits[bi, gi] ^= (1 << imin[bi, gi]).astype(np.uint8)
+        bits &= 127
+    return xval, bits
+
+
+def _grid_assign(tab, Xg, Wag, inv, nb_scale, kmaxq):
+    """Round groups Xg (k, G, m) at 1/inv to grid points; off-grid codes go to their best neighbour
+    (judged at nb_scale). Returns (levels (k, G, m) uint8, on_grid (k, G), grid index (k, G))."""
+    l = _nearest_int(F32(0.5) * (inv[:, None, None] * Xg - F32(1)))
+    np.clip(l, 0, kmaxq - 1, out=l)
+    u = tab.codes(l)
+    gi = tab.kmap[u]
+    off = gi < 0
+    if off.any():
+        bi, gk = np.nonzero(off)
+        gi[bi, gk] = best_neighbours(tab, u[bi, gk], Xg[bi, gk], Wag[bi, gk], nb_scale[bi])
+    return tab.levels[gi], ~off, gi
+
+
+def _weighted_fit(W, WX, L):
+    """sum(w*x*q), sum(w*q*q) with q = 2l+1, in ggml's element order."""
+    q = F32(2) * L.astype(F32) + F32(1)
+    return _seq_sum_last(WX * q), _seq_sum_last((W * q) * q)
+
+
+def _grid_search(tab, Xv, W, Wa, denom, nums, kmaxq, scale0, on_grid0, final_all):
+    """The scale search shared by the IQ2/IQ3 quantizers for k active sub-blocks.
+
+    Xv, W, Wa: (k, B) |x|, weights, sqrt(weights). Try t uses 1/scale = nums[t] / denom. Returns levels
+    (k, B) uint8 and the sub-block scales (k,) float32 (possibly negative, as in ggml)."""
+    k, B = Xv.shape
+    m = tab.group_size
+    G = B // m
+    Xg = Xv.reshape(k, G, m)
+    Wag = Wa.reshape(k, G, m)
+    WX = W * Xv
+    scale = scale0.astype(F32).copy()
+    best = np.zeros(k, F32)
+    L = np.zeros((k, G, m), np.uint8)
+    on_grid = np.full((k, G), on_grid0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for num in nums:
+            inv = F32(num) / denom
+            Laux, on, _ = _grid_assign(tab, Xg, Wag, inv, F32(1) / inv, kmaxq)
+            sumqx, sumq2 = _weighted_fit(W, WX, Laux.reshape(k, B))
+            better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+            scale = np.where(better, sumqx / sumq2, scale)
+            best = np.where(better, scale * sumqx, best)
+            L[better] = Laux[better]
+            on_grid[better] = on[better]
+        redo = ~on_grid if not final_all else np.ones((k, G), bool)
+        blocks = np.flatnonzero((scale > 0) & redo.any(axis=1))
+        if len(blocks):
+            sc = scale[blocks]
+            Lr, _, _ = _grid_assign(tab, Xg[blocks], Wag[blocks], F32(1) / sc, sc, kmaxq)
+            Lb = L[blocks]
+            Lb[redo[blocks]] = Lr[redo[blocks]]
+            L[blocks] = Lb
+            sumqx, sumq2 = _weighted_fit(W[blocks], WX[blocks], Lb.reshape(len(blocks), B))
+            scale[blocks] = np.where(sumq2 > 0, sumqx / sumq2, sc)
+    return L.reshape(k, B), scale
+
+
+def _search_weights(xb, qwb, sigma_factor, fallback):
+    """Per-element weights of the IQ2/IQ3 searches: qw*sqrt(sigma2 + x^2) with
+    sigma2 = sigma_factor * sum(x^2 over the 256 super-block) / 256 (sequential), else fallback(x, sigma2)."""
+    x2 = xb * xb
+    sumx2 = np.add.accumulate(x2, axis=1)[:, -1]
+    sigma2 = (F32(sigma_factor) * sumx2 / F32(QK_K))[:, None] if sigma_factor != 1 else (sumx2 / F32(QK_K))[:, None]
+    if qwb is not None:
+        return qwb * np.sqrt(sigma2 + x2)
+    return fallback(x2, sigma2)
+
+
+def _sub_block_scale_codes(scales, fudge):
+    """Super-block scale d (stored as fp16(d*fudge)) and 4-bit sub-block codes
+    nearest_int((scale/d - 1)/2) with d = max_scale/31; scales (n, n_sub)."""
+    max_scale = scales.max(axis=1)
+    d = max_scale / F32(31)
+    with np.errstate(divide="ignore"):
+        inv = F32(1) / d
+    codes = np.clip(_nearest_int(F32(0.5) * (inv[:, None] * scales - F32(1))), 0, 15)
+    dh = d * F32(fudge) if fudge != 1 else d
+    return max_scale, dh, codes.astype(np.uint32)
+
+
+def _iq3xxs_blocks(xb, qwb):
+    n = xb.shape[0]
+    tab = grid_tables("IQ3_XXS")
+    W = _search_weights(xb, qwb, 2, lambda x2, s2: x2).reshape(n * 8, 32)
+    X = xb.reshape(n * 8, 32)
+    xval, signs = _flip_signs(X, W, parity=True)
+    mx = xval.max(axis=1)
+    act = np.flatnonzero(~(mx < F32(1e-8)))
+    scales = np.zeros(n * 8, F32)
+    gidx = np.zeros((n * 8, 8), np.int32)
+    if len(act):
+        nums = [F32(15) + F32(i) * F32(0.2) for i in range(-15, 16)]
+        L, sc = _grid_search(tab, xval[act], W[act], np.sqrt(W[act]), mx[act], nums, 8,
+                             mx[act] / F32(15), True, False)
+        gidx[act] = tab.kmap[tab.codes(L.reshape(-1, 8, 4))]
+        neg = sc < 0
+        signs[act[neg]] = ~signs[act[neg]] & 127
+        scales[act] = np.abs(sc)
+    signs[np.setdiff1d(np.arange(n * 8), act)] = 0
+    assert (gidx >= 0).all(), "IQ3_XXS: level vector not on the grid"
+    max_scale, dh, codes = _sub_block_scale_codes(scales.reshape(n, 8), 1.0125)
+    # block_iq3_xxs: d fp16 | 64 grid indices (8 per 32-block) | 8 x u32: 4 x 7 sign bits, 4-bit scale
+    s = signs.reshape(n, 8, 4).astype(np.uint32)
+    words = s[:, :, 0] | (s[:, :, 1] << 7) | (s[:, :, 2] << 14) | (s[:, :, 3] << 21) | (codes << 28)
+    out = np.zeros((n, 98), np.uint8)
+    live = max_scale != 0
+    out[:, :2] = _fp16_bytes(np.where(live, dh, F32(0)))
+    out[live, 2:66] = gidx.reshape(n, 64)[live].astype(np.uint8)
+    out[live, 66:98] = words[live].astype("<u4").view(np.uint8).reshape(-1, 32)
+    return out
+
+
+def quantize_iq3_xxs(x, imatrix):
+    return _blockwise(x, imatrix, QK_K, 98, _iq3xxs_blocks)
+
+
 QUANTIZERS: dict = {
     "IQ4_NL": quantize_iq4_nl,
     "IQ4_XS": quantize_iq4_xs,
+    "TQ1_0": quantize_tq1_0,
+    "TQ2_0": quantize_tq2_0,
+    "MXFP4": quantize_mxfp4,
+    "IQ3_XXS": quantize_iq3_xxs,
 }
 DEQUANTIZERS: dict = {
     "IQ4_NL": dequantize_iq4_nl,

@@ -1,4 +1,238 @@
-"""(being written) — registers QUANTIZERS / DEQUANTIZERS, see predictor/quant/__init__.py."""
+"""Legacy 32-element block types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, byte-exact with ggml_quantize_chunk.
 
-QUANTIZERS: dict = {}
-DEQUANTIZERS: dict = {}
+Without an imatrix these are ggml's `quantize_row_*_ref` (closed-form scale, truncating casts; Q8_0 uses
+`roundf`). With an imatrix Q4_0/Q5_0 switch to the symmetric scale search `make_qx_quants` and
+Q4_1/Q5_1 to the scale+min search `make_qkx3_quants`, weighting element j by
+`qw[j] * sqrt(sigma2 + x[j]^2)` with `sigma2 = sum(x^2 over the whole row) / n_per_row`.
+Q8_0 ignores the imatrix.
+
+Block layouts (little endian, 32 weights each):
+    Q4_0  d:f16 | qs[16]                      qs[j] = q[j] | q[j+16] << 4
+    Q4_1  d:f16 | m:f16 | qs[16]
+    Q5_0  d:f16 | qh:u32 | qs[16]              qh bit j = bit 4 of q[j]; qs holds the low nibbles
+    Q5_1  d:f16 | m:f16 | qh:u32 | qs[16]
+    Q8_0  d:f16 | qs:i8[32]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from predictor.quant._search import (
+    F32,
+    first_max,
+    first_min,
+    fp16_bits,
+    fp16_to_f32,
+    make_qkx_quants_t,
+    make_qx_quants_t,
+    seq_sum,
+)
+
+QK = 32
+# Row chunk size (elements) for the search paths: big enough to amortise Python overhead, small
+# enough that the ~20 float32 temporaries of a search step stay in cache (and memory stays bounded).
+CHUNK_ELEMENTS = 1 << 16
+CHUNK_ELEMENTS_SIMPLE = 1 << 20
+_HALF_DOWN = np.nextafter(F32(0.5), F32(0))  # roundf(v) == trunc(v + copysign(0.49999997, v))
+
+
+def _row_chunks(rows: int, cols: int, target: int):
+    step = max(1, target // max(cols, 1))
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """q (nb, 32) uint8 -> (nb, 16): low nibble element j, high nibble element j+16."""
+    return (q[:, :16] & 0x0F) | (q[:, 16:] << 4)
+
+
+def _pack_qh(q: np.ndarray) -> np.ndarray:
+    """Bit 4 of each of the 32 values -> 4 bytes, element j at bit j (little endian u32)."""
+    return np.packbits((q >> 4) & 1, axis=1, bitorder="little")
+
+
+def _f16_bytes(v: np.ndarray) -> np.ndarray:
+    return fp16_bits(v).reshape(-1, 1).view(np.uint8)
+
+
+# ------------------------------------------------------------------------- no-imatrix (_ref)
+
+
+def _signed_absmax_rows(xb: np.ndarray) -> np.ndarray:
+    """Signed value of largest |x| (first one), +0 for an all-zero block (ggml starts from 0.0f)."""
+    ax = np.abs(xb)
+    idx = np.argmax(ax, axis=1)
+    mx = np.take_along_axis(xb, idx[:, None], axis=1)[:, 0]
+    return np.where(np.take_along_axis(ax, idx[:, None], axis=1)[:, 0] > 0, mx, F32(0))
+
+
+def _inverse(d: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(d != 0, F32(1) / d, F32(0))
+
+
+def _q8_0_ref(xb: np.ndarray) -> np.ndarray:
+    d = np.abs(xb).max(axis=1) / F32(127)
+    v = xb * _inverse(d)[:, None]
+    q = np.trunc(v + np.copysign(_HALF_DOWN, v)).astype(np.int8)
+    return np.concatenate([_f16_bytes(d), q.view(np.uint8)], axis=1)
+
+
+def _q4_0_ref(xb: np.ndarray) -> np.ndarray:
+    d = _signed_absmax_rows(xb) / F32(-8)
+    q = ((xb * _inverse(d)[:, None]) + F32(8.5)).astype(np.uint8)  # >= 0: the cast truncates
+    np.minimum(q, 15, out=q)
+    return np.concatenate([_f16_bytes(d), _pack_nibbles(q)], axis=1)
+
+
+def _q5_0_ref(xb: np.ndarray) -> np.ndarray:
+    d = _signed_absmax_rows(xb) / F32(-16)
+    q = ((xb * _inverse(d)[:, None]) + F32(16.5)).astype(np.uint8)
+    np.minimum(q, 31, out=q)
+    return np.concatenate([_f16_bytes(d), _pack_qh(q), _pack_nibbles(q)], axis=1)
+
+
+def _min_max_rows(xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # the fp16 of min is stored, so a zero min must carry the sign of the first zero ggml meets
+    return first_min(xb.T), xb.max(axis=1)
+
+
+def _q4_1_ref(xb: np.ndarray) -> np.ndarray:
+    mn, mx = _min_max_rows(xb)
+    d = (mx - mn) / F32(15)
+    q = (((xb - mn[:, None]) * _inverse(d)[:, None]) + F32(0.5)).astype(np.uint8)
+    np.minimum(q, 15, out=q)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(mn), _pack_nibbles(q)], axis=1)
+
+
+def _q5_1_ref(xb: np.ndarray) -> np.ndarray:
+    mn, mx = _min_max_rows(xb)
+    d = (mx - mn) / F32(31)
+    q = (((xb - mn[:, None]) * _inverse(d)[:, None]) + F32(0.5)).astype(np.uint8)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(mn), _pack_qh(q), _pack_nibbles(q)], axis=1)
+
+
+# ---------------------------------------------------------------------------- imatrix paths
+
+
+def _weights_t(x: np.ndarray, imatrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Element-major blocks xt (32, nb) and weights qw * sqrt(sigma2 + x^2), sigma2 per whole row."""
+    rows, cols = x.shape
+    nbr = cols // QK
+    sigma2 = seq_sum(np.ascontiguousarray((x * x).T)) / F32(cols)  # (rows,), sequential like C
+    xt = np.ascontiguousarray(x.reshape(rows * nbr, QK).T)
+    qw = np.tile(imatrix.reshape(nbr, QK).T, (1, rows))
+    w = qw * np.sqrt(np.repeat(sigma2, nbr)[None, :] + xt * xt)
+    return xt, w
+
+
+def _q4_0_imat(x, imatrix):
+    xt, w = _weights_t(x, imatrix)
+    d, L = make_qx_quants_t(xt, 8, w)
+    return np.concatenate([_f16_bytes(d), _pack_nibbles(L.T)], axis=1)
+
+
+def _q5_0_imat(x, imatrix):
+    xt, w = _weights_t(x, imatrix)
+    d, L = make_qx_quants_t(xt, 16, w)
+    q = np.ascontiguousarray(L.T)
+    return np.concatenate([_f16_bytes(d), _pack_qh(q), _pack_nibbles(q)], axis=1)
+
+
+def _q4_1_imat(x, imatrix):
+    xt, w = _weights_t(x, imatrix)
+    d, the_min, L = make_qkx_quants_t(xt, w, 15, -0.9, 0.05, 36, False)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(-the_min), _pack_nibbles(L.T)], axis=1)
+
+
+def _q5_1_imat(x, imatrix):
+    xt, w = _weights_t(x, imatrix)
+    d, the_min, L = make_qkx_quants_t(xt, w, 31, -0.9, 0.05, 36, False)
+    q = np.ascontiguousarray(L.T)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(-the_min), _pack_qh(q), _pack_nibbles(q)], axis=1)
+
+
+# ------------------------------------------------------------------------------ registration
+
+
+def _quantizer(ref, imat, block_bytes):
+    def quantize(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+        rows, cols = x.shape
+        nbr = cols // QK
+        out = np.empty((rows, nbr * block_bytes), np.uint8)
+        if imatrix is None or imat is None:
+            for r0, r1 in _row_chunks(rows, cols, CHUNK_ELEMENTS_SIMPLE):
+                blocks = ref(x[r0:r1].reshape(-1, QK))
+                out[r0:r1] = blocks.reshape(r1 - r0, -1)
+        else:
+            imatrix = np.asarray(imatrix, F32)
+            for r0, r1 in _row_chunks(rows, cols, CHUNK_ELEMENTS):
+                out[r0:r1] = imat(x[r0:r1], imatrix).reshape(r1 - r0, -1)
+        return out
+
+    return quantize
+
+
+# ----------------------------------------------------------------------------- dequantizers
+
+
+def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+def _unpack_qh(qh: np.ndarray) -> np.ndarray:
+    return np.unpackbits(qh, axis=1, bitorder="little") << 4
+
+
+def _dq_q8_0(q, cols):
+    b = q.reshape(-1, 34)
+    d = fp16_to_f32(np.ascontiguousarray(b[:, :2]).view(np.uint16))
+    return (b[:, 2:].view(np.int8).astype(F32) * d).reshape(q.shape[0], cols)
+
+
+def _dq_q4_0(q, cols):
+    b = q.reshape(-1, 18)
+    d = fp16_to_f32(np.ascontiguousarray(b[:, :2]).view(np.uint16))
+    v = _unpack_nibbles(b[:, 2:]).astype(np.int8) - np.int8(8)
+    return (v.astype(F32) * d).reshape(q.shape[0], cols)
+
+
+def _dq_q4_1(q, cols):
+    b = q.reshape(-1, 20)
+    d = fp16_to_f32(np.ascontiguousarray(b[:, :2]).view(np.uint16))
+    m = fp16_to_f32(np.ascontiguousarray(b[:, 2:4]).view(np.uint16))
+    v = _unpack_nibbles(b[:, 4:]).astype(F32)
+    return (v * d + m).reshape(q.shape[0], cols)
+
+
+def _dq_q5_0(q, cols):
+    b = q.reshape(-1, 22)
+    d = fp16_to_f32(np.ascontiguousarray(b[:, :2]).view(np.uint16))
+    v = (_unpack_nibbles(b[:, 6:]) | _unpack_qh(b[:, 2:6])).astype(np.int8) - np.int8(16)
+    return (v.astype(F32) * d).reshape(q.shape[0], cols)
+
+
+def _dq_q5_1(q, cols):
+    b = q.reshape(-1, 24)
+    d = fp16_to_f32(np.ascontiguousarray(b[:, :2]).view(np.uint16))
+    m = fp16_to_f32(np.ascontiguousarray(b[:, 2:4]).view(np.uint16))
+    v = (_unpack_nibbles(b[:, 8:]) | _unpack_qh(b[:, 4:8])).astype(F32)
+    return (v * d + m).reshape(q.shape[0], cols)
+
+
+QUANTIZERS = {
+    "Q4_0": _quantizer(_q4_0_ref, _q4_0_imat, 18),
+    "Q4_1": _quantizer(_q4_1_ref, _q4_1_imat, 20),
+    "Q5_0": _quantizer(_q5_0_ref, _q5_0_imat, 22),
+    "Q5_1": _quantizer(_q5_1_ref, _q5_1_imat, 24),
+    "Q8_0": _quantizer(_q8_0_ref, None, 34),
+}
+DEQUANTIZERS = {
+    "Q4_0": _dq_q4_0,
+    "Q4_1": _dq_q4_1,
+    "Q5_0": _dq_q5_0,
+    "Q5_1": _dq_q5_1,
+    "Q8_0": _dq_q8_0,
+}
