@@ -17,7 +17,13 @@ from predictor.features.weight_error import (
 )
 from predictor.io import open_model
 from predictor.io.imatrix import read_imatrix
-from predictor.quant.recipes import STANDARD_PRESETS, RecipeModel, choose_tensor_types, get_preset
+from predictor.quant.recipes import (
+    STANDARD_PRESETS,
+    RecipeModel,
+    choose_tensor_types,
+    get_preset,
+    is_quantizable,
+)
 from predictor.quant.sizes import preset_size
 
 GIB = 1024**3
@@ -117,8 +123,8 @@ def inspect_model(
             for name, t in types.items():
                 if t != source_types[name] and t in supported:
                     wanted.setdefault(name, set()).add(t)
-        # 1-D tensors (norms, biases) are never quantized; everything else is sampled once.
-        sampled = [t for t in reader.tensors if len(t.shape) >= 2]
+        # Norms, biases, routers ... are never quantized; every other tensor is sampled once.
+        sampled = [t for t in reader.tensors if is_quantizable(t.name, t.ne)]
         samples = sample_model(
             reader,
             sampled,

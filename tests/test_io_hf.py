@@ -286,6 +286,9 @@ def test_dispatch_uses_magic_bytes_not_extensions(tmp_path):
     renamed = tmp_path / "model.safetensors.bin"
     renamed.write_bytes((tmp_path / "real.gguf").read_bytes())
     assert detect_format(renamed) == "gguf"
+    with open_model(renamed) as r:  # handed to predictor.io.gguf
+        assert [t.name for t in r.tensors] == ["output_norm.weight"]
+        np.testing.assert_array_equal(r.read_tensor("output_norm.weight"), 1.0)
 
     folder = write_tiny_llama(tmp_path / "m", n_shards=2)
     assert detect_format(folder) == "safetensors-folder"

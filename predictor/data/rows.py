@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 from typing import Any, Iterable
 
 import polars as pl
@@ -109,12 +108,3 @@ def frame(rows: list[dict[str, Any]], table: str) -> pl.DataFrame:
     data = {c.name: [r.get(c.name) for r in rows] for c in cols}
     return pl.DataFrame(data, schema=schema)
 
-
-def repo_relative(path: str | os.PathLike) -> str:
-    """Path as stored in source_file: relative to the repository when inside it, else the file name."""
-    p = Path(path).resolve()
-    root = Path(__file__).resolve().parents[2]
-    try:
-        return p.relative_to(root).as_posix()
-    except ValueError:
-        return p.name

@@ -12,7 +12,6 @@ use whole-row statistics), so a sampled row's error is exactly the error it has 
 
 from __future__ import annotations
 
-import re
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -22,6 +21,7 @@ import numpy as np
 from predictor import quant
 from predictor.errors import InputFileError
 from predictor.io.base import ModelReader, TensorInfo
+from predictor.quant import recipes
 
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 ROLES = [
@@ -37,26 +37,13 @@ ROLES = [
     "output",
     "other",
 ]
-_LAYER = re.compile(r"^blk\.(\d+)\.")
 DEFAULT_SAMPLE_WEIGHTS = 32_768  # per tensor: rows = ceil(this / cols)
 N_DEPTH_BUCKETS = 4
 
 
 def tensor_role(name: str) -> str:
-    """Role of a GGUF tensor name, as llama-quantize's recipes see it."""
-    if name in ("output.weight",):
-        return "output"
-    if name in ("token_embd.weight", "per_layer_token_embd.weight"):
-        return "token_embd"
-    for role in ("attn_qkv", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
-        if f".{role}." in name or f".{role}_" in name:
-            return role
-    return "other"
-
-
-def tensor_layer(name: str) -> int | None:
-    m = _LAYER.match(name)
-    return int(m.group(1)) if m else None
+    """Role of a GGUF tensor name as the recipes see it, but with fused QKV reported on its own."""
+    return "attn_qkv" if "attn_qkv." in name else recipes.tensor_role(name)
 
 
 @dataclass
@@ -187,7 +174,7 @@ def sample_tensor(
     sample = TensorSample(
         info=info,
         role=tensor_role(info.name),
-        layer=tensor_layer(info.name),
+        layer=recipes.layer_of(info.name),
         rows_total=rows_total,
         rows=idx,
         signal=np.concatenate(signal),

@@ -6,6 +6,8 @@
 - config.json (JSON with model_type/architectures)  -> ConfigOnlyReader (metadata, no tensors)
 - a folder: index / model.safetensors / *.safetensors, else a single *.gguf, else config.json alone
 
+A file whose bytes match nothing but whose name ends in .safetensors goes to the safetensors parser, only
+so that the error says precisely what is broken (truncated, bad header length, ...).
 Every reader is cheap to open (headers only) and a context manager.
 """
 
@@ -109,7 +111,7 @@ def open_model(path: str | os.PathLike, *, check_finite: bool = True) -> ModelRe
     if kind == "gguf":
         from predictor.io.gguf import open_gguf  # lazy: only GGUF input needs the gguf package
 
-        return open_gguf(target)
+        return open_gguf(target, check_finite=check_finite)
     if kind == "safetensors-folder":
         return open_safetensors(target, check_finite=check_finite)
     if kind == "safetensors":

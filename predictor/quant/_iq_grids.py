@@ -99,12 +99,13 @@ def grid_tables(name: str) -> GridTables:
     )
 
 
-def best_neighbours(t: GridTables, codes, xval, waux, scale) -> np.ndarray:
-    """ggml's iq2/iq3_find_best_neighbour for M off-grid groups at once.
+def best_neighbours(t: GridTables, codes, xval, waux, scale, level_values=None) -> np.ndarray:
+    """ggml's iq2/iq3_find_best_neighbour (and iq1_find_best_neighbour2) for M off-grid groups at once.
 
     codes (M,) off-grid level codes; xval, waux (M, m) float32; scale (M,) float32. For each group the
-    neighbour minimising sum_i (waux_i*diff_i)*diff_i, diff = scale*pos - xval, summed left to right;
-    the first in list order wins ties. Returns grid indices (M,)."""
+    neighbour minimising sum_i (waux_i*diff_i)*diff_i, diff = scale*q - xval, summed left to right;
+    the first in list order wins ties. q is 2l+1, or level_values[item, l] when given (IQ1).
+    Returns grid indices (M,)."""
     n_items = len(codes)
     if n_items == 0:
         return np.zeros(0, np.int32)
@@ -115,7 +116,10 @@ def best_neighbours(t: GridTables, codes, xval, waux, scale) -> np.ndarray:
     seg = np.repeat(np.arange(n_items), cnt)
     total = int(cnt.sum())
     cand = t.nb_flat[np.arange(total) - seg_start[seg] + t.nb_start[codes][seg]]
-    q = t.pos[cand]
+    if level_values is None:
+        q = t.pos[cand]
+    else:
+        q = np.take_along_axis(level_values[seg], t.levels[cand].astype(np.intp), axis=1)
     sc = scale[seg]
     xs = xval[seg]
     ws = waux[seg]
@@ -124,6 +128,9 @@ def best_neighbours(t: GridTables, codes, xval, waux, scale) -> np.ndarray:
         diff = sc * q[:, i] - xs[:, i]
         d2 += (ws[:, i] * diff) * diff
     seg_min = np.minimum.reduceat(d2, seg_start)
+    if not np.all(seg_min < np.finfo(np.float32).max):
+        # ggml starts from FLT_MAX and finds nothing: it then aborts (or, for IQ1, reads out of bounds)
+        raise ValueError("values too large for this quantization type (no grid neighbour fits)")
     where_min = np.where(d2 == seg_min[seg], np.arange(total), total)
     first = np.minimum.reduceat(where_min, seg_start)
     return cand[first]

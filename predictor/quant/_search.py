@@ -19,6 +19,10 @@ variants take and return that transposed layout directly (the K-quant pipelines 
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
 import numpy as np
 
 F32 = np.float32
@@ -33,6 +37,9 @@ __all__ = [
     "fp16_to_f32",
     "first_max",
     "first_min",
+    "for_row_chunks",
+    "get_num_threads",
+    "set_num_threads",
     "make_q3_quants",
     "make_qkx2_quants",
     "make_qkx3_quants",
@@ -43,6 +50,47 @@ __all__ = [
     "roundf",
     "seq_sum",
 ]
+
+
+# ----------------------------------------------------------------------------------------- threads
+
+_num_threads: int | None = None
+
+
+def set_num_threads(n: int | None) -> None:
+    """Threads the quantizers may use (None: QUANTPREDICT_THREADS, else the CPUs we may run on, <= 8)."""
+    global _num_threads
+    _num_threads = None if n is None else max(1, int(n))
+
+
+def get_num_threads() -> int:
+    if _num_threads is not None:
+        return _num_threads
+    env = os.environ.get("QUANTPREDICT_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+def for_row_chunks(rows: int, cols: int, target_elements: int, work: Callable[[int, int], None]) -> None:
+    """Call work(r0, r1) over row ranges of about `target_elements` values each.
+
+    Rows are quantized independently (as in ggml), so chunks may run on several threads: numpy
+    releases the GIL inside its loops. `work` writes its own slice of the output."""
+    step = max(1, target_elements // max(cols, 1))
+    chunks = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+    n_threads = min(get_num_threads(), len(chunks))
+    if n_threads <= 1:
+        for r0, r1 in chunks:
+            work(r0, r1)
+        return
+    with ThreadPoolExecutor(n_threads) as pool:
+        for f in [pool.submit(work, r0, r1) for r0, r1 in chunks]:
+            f.result()
 
 
 # ----------------------------------------------------------------------------------------- scalars
@@ -60,6 +108,11 @@ def nearest_int(v: np.ndarray) -> np.ndarray:
 def rint_f32(v: np.ndarray) -> np.ndarray:
     """Round half to even, as float32. Equals `nearest_int` only for |v| <= 4194303."""
     return np.rint(v)
+
+
+# The clip ufunc itself: np.clip's Python wrapper costs more than the clipping on our array sizes.
+_clip = getattr(getattr(np, "_core", None), "umath", None)
+_clip = getattr(_clip, "clip", None) or np.clip
 
 
 def roundf(v: np.ndarray) -> np.ndarray:
@@ -119,12 +172,22 @@ def seq_sum(a: np.ndarray, axis: int = 0, *, start_with_first: bool = False) -> 
     a = np.asarray(a, dtype=F32)
     if axis != 0:
         a = np.moveaxis(a, axis, 0)
-    if _REDUCE_OK and a.ndim == 2 and a.shape[1] >= 2 and a.shape[0] >= 1:
-        a = np.ascontiguousarray(a)  # row-by-row order needs axis 0 to be the outer memory axis
-        if start_with_first:
-            return np.add.reduce(a, axis=0)
-        return np.add.reduce(a, axis=0, initial=F32(0))
-    return _loop_sum(a, start_with_first)
+    if not (_REDUCE_OK and 1 <= a.ndim <= 2 and a.shape[0] >= 1):
+        return _loop_sum(a, start_with_first)
+    if a.ndim == 1 or a.shape[1] == 1:
+        # a single column would be summed pairwise: give it a zero companion column
+        col = a.reshape(-1, 1)
+        r = seq_sum(np.concatenate([col, np.zeros_like(col)], axis=1), start_with_first=start_with_first)[:1]
+        return r.reshape(()) if a.ndim == 1 else r
+    a = np.ascontiguousarray(a)  # row-by-row order needs axis 0 to be the outer memory axis
+    r = np.add.reduce(a, axis=0, initial=F32(0))
+    if start_with_first:
+        # `a[0] + ...` and `0 + a[0] + ...` differ only for a column of nothing but -0.0
+        z = r == 0
+        if z.any():
+            neg = np.all((a[:, z] == 0) & np.signbit(a[:, z]), axis=0)
+            r[z] = np.where(neg, F32(-0.0), r[z])
+    return r
 
 
 def _first_zero_signed(a: np.ndarray, value: np.ndarray) -> np.ndarray:
@@ -164,35 +227,47 @@ def make_qx_quants_t(x: np.ndarray, nmax: int, weights: np.ndarray | None = None
 
     Symmetric search of 19 scales; weights default to x*x (rmse_type 1 with qw NULL).
     Returns (scale float32 (n_blocks,), L uint8 (n, n_blocks) in [0, 2*nmax))."""
-    n, nb = x.shape
+    x = np.ascontiguousarray(x, dtype=F32)
     amax, mx = _signed_absmax(x)
     dead = amax < GROUP_MAX_EPS
     mx = np.where(dead, F32(1), mx)
-    w = x * x if weights is None else weights
+    w = x * x if weights is None else np.ascontiguousarray(weights, dtype=F32)
     wx = w * x
     fnmax = F32(nmax)
     lo, hi = F32(-nmax), F32(nmax - 1)
+    l = np.empty_like(x)
+    t = np.empty_like(x)
+
+    def levels(iscale):
+        np.multiply(x, iscale, out=l)
+        np.rint(l, out=l)
+        _clip(l, lo, hi, out=l)
 
     def sums(iscale):
-        l = rint_f32(iscale * x)
-        np.clip(l, lo, hi, out=l)
-        return l, seq_sum(wx * l), seq_sum((w * l) * l)
+        levels(iscale)
+        np.multiply(wx, l, out=t)
+        sumlx = seq_sum(t)
+        np.multiply(w, l, out=t)
+        np.multiply(t, l, out=t)
+        return sumlx, seq_sum(t)
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        L, sumlx, suml2 = sums(F32(-nmax) / mx)
+        best_iscale = F32(-nmax) / mx
+        sumlx, suml2 = sums(best_iscale)
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
         best = scale * sumlx
         for step in range(-9, 10):
             if step == 0:
                 continue
             iscale = -(fnmax + F32(0.1) * F32(step)) / mx
-            l, sumlx, suml2 = sums(iscale)
+            sumlx, suml2 = sums(iscale)
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
             if better.any():
-                np.copyto(L, l, where=better[None, :])
+                best_iscale = np.where(better, iscale, best_iscale)
                 scale = np.where(better, sumlx / suml2, scale)
                 best = np.where(better, scale * sumlx, best)
-    L = (L + fnmax).astype(np.uint8)
+        levels(best_iscale)  # the levels of the winning step, recomputed once
+    L = (l + fnmax).astype(np.uint8)
     L[:, dead] = 0
     scale = np.where(dead, F32(0), scale).astype(F32)
     return scale, L
@@ -210,37 +285,63 @@ def make_qx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None = None):
 # ---------------------------------------------------------------------------- make_q3_quants
 
 
+def _refine_levels(x, w, L, sumlx, suml2, lo, hi, qp_rules):
+    """ggml's up to 5 passes of coordinate descent over the levels, shared by make_q3_quants
+    (qp_rules False: L in [lo, hi], accept needs sl2 > 0) and make_qp_quants (qp_rules True:
+    only `MIN(nmax, .)`, L stored as uint8, the pass needs slx > 0 and sl2 > 0 up front).
+
+    Per block, a pass without change is a fixed point (ggml breaks there), so after each pass only
+    the blocks that changed stay in the working set. Updates L, sumlx, suml2 in place."""
+    n = x.shape[0]
+    idx = None  # None: all blocks
+    xa, wa, La, slxa, sl2a = x, w, L, sumlx, suml2
+    lo, hi = np.int32(lo), np.int32(hi)
+    for _ in range(5):
+        wxa = wa * xa
+        changed = np.zeros(xa.shape[1], bool)
+        for i in range(n):
+            Li, wi, wxi = La[i], wa[i], wxa[i]
+            slx = slxa - wxi * Li
+            sl2 = sl2a - (wi * Li) * Li
+            ni = nearest_int((xa[i] * sl2) / slx)  # exact even when slx is tiny
+            ni = np.minimum(ni, hi) if qp_rules else _clip(ni, lo, hi)
+            new_l = ni.astype(F32)
+            slx_n = slx + wxi * new_l
+            sl2_n = sl2 + (wi * new_l) * new_l
+            take = (slx > 0) & (new_l != Li) & ((slx_n * slx_n) * sl2a > (slxa * slxa) * sl2_n)
+            take &= (sl2 > 0) if qp_rules else (sl2_n > 0)
+            if take.any():
+                changed |= take
+                stored = (ni & 0xFF).astype(F32) if qp_rules else new_l
+                La[i] = np.where(take, stored, Li)
+                slxa = np.where(take, slx_n, slxa)
+                sl2a = np.where(take, sl2_n, sl2a)
+        if idx is None:
+            sumlx[:], suml2[:] = slxa, sl2a
+            idx = np.arange(x.shape[1])
+        else:
+            L[:, idx], sumlx[idx], suml2[idx] = La, slxa, sl2a
+        if not changed.any():
+            break
+        idx = idx[changed]
+        xa, wa, La, slxa, sl2a = x[:, idx], w[:, idx], L[:, idx], sumlx[idx], suml2[idx]
+
+
 def make_q3_quants_t(x: np.ndarray, nmax: int):
     """ggml `make_q3_quants(n, nmax, x, L, do_rmse=true)` on element-major `x` (n, n_blocks).
 
     Returns (scale (n_blocks,), L uint8 (n, n_blocks) in [0, 2*nmax))."""
-    n, nb = x.shape
+    x = np.ascontiguousarray(x, dtype=F32)
     amax, mx = _signed_absmax(x)
     dead = amax < GROUP_MAX_EPS
     mx = np.where(dead, F32(1), mx)
-    lo, hi = F32(-nmax), F32(nmax - 1)
     w = x * x
-    wx = w * x
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         L = rint_f32((F32(-nmax) / mx) * x)
-        np.clip(L, lo, hi, out=L)
-        sumlx = seq_sum(wx * L)
+        _clip(L, F32(-nmax), F32(nmax - 1), out=L)
+        sumlx = seq_sum((w * x) * L)
         suml2 = seq_sum((w * L) * L)
-        for _ in range(5):  # a pass that changes nothing leaves the state fixed, so no early exit
-            for i in range(n):
-                Li, wi, wxi = L[i], w[i], wx[i]
-                slx = sumlx - wxi * Li
-                sl2 = suml2 - (wi * Li) * Li
-                new_l = np.clip(nearest_int((x[i] * sl2) / slx), -nmax, nmax - 1).astype(F32)
-                slx_n = slx + wxi * new_l
-                sl2_n = sl2 + (wi * new_l) * new_l
-                take = (
-                    (slx > 0) & (new_l != Li) & (sl2_n > 0)
-                    & ((slx_n * slx_n) * suml2 > (sumlx * sumlx) * sl2_n)
-                )
-                L[i] = np.where(take, new_l, Li)
-                sumlx = np.where(take, slx_n, sumlx)
-                suml2 = np.where(take, sl2_n, suml2)
+        _refine_levels(x, w, L, sumlx, suml2, -nmax, nmax - 1, False)
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
     L = (L + F32(nmax)).astype(np.uint8)
     L[:, dead] = 0
@@ -279,7 +380,7 @@ def make_qkx_quants_t(x, weights, nmax, rmin, rdelta, nstep, use_mad):
     def levels(iscale, xm):
         np.multiply(xm, iscale, out=l)
         np.rint(l, out=l)
-        np.clip(l, zero, fnmax, out=l)
+        _clip(l, zero, fnmax, out=l)
 
     def error(scale, m):
         # C: diff = scale*l + min - x; err += w * (use_mad ? |diff| : diff*diff)
@@ -295,11 +396,10 @@ def make_qkx_quants_t(x, weights, nmax, rmin, rdelta, nstep, use_mad):
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         xm = x - mn
-        iscale = fnmax / (mx - mn)
-        levels(iscale, xm)
-        scale = F32(1) / iscale
+        best_iscale, best_mn = fnmax / (mx - mn), mn
+        levels(best_iscale, xm)
+        scale = F32(1) / best_iscale
         best = error(scale, mn)
-        L = l.copy()
         for step in range(nstep + 1) if nstep >= 1 else ():
             iscale = ((rmin + rdelta * F32(step)) + fnmax) / (mx - mn)
             levels(iscale, xm)
@@ -319,13 +419,17 @@ def make_qkx_quants_t(x, weights, nmax, rmin, rdelta, nstep, use_mad):
             cur = error(this_scale, this_min)
             better = (D > 0) & (cur < best) & ~flat
             if better.any():
-                np.copyto(L, l, where=better)
+                # remember how this step's levels were made (iscale and the min in force)
+                best_iscale = np.where(better, iscale, best_iscale)
+                best_mn = np.where(better, mn, best_mn)
                 best = np.where(better, cur, best)
                 scale = np.where(better, this_scale, scale)
                 mn = np.where(better, this_min, mn)
                 np.subtract(x, mn, out=xm)
-    L[:, flat] = 0  # (NaN there: 0 * inf)
-    L = L.astype(np.uint8)
+        np.subtract(x, best_mn, out=xm)
+        levels(best_iscale, xm)  # the winning step's levels, recomputed once
+    l[:, flat] = 0  # (NaN there: 0 * inf)
+    L = l.astype(np.uint8)
     scale = np.where(flat, zero, scale).astype(F32)
     return scale, (-mn).astype(F32), L
 
@@ -380,25 +484,12 @@ def make_qp_quants_t(x: np.ndarray, nmax: int, quant_weights: np.ndarray):
             better = cur < best
             best = np.where(better, cur, best)
             iscale = np.where(better, iscale_is, iscale)
-        l = np.minimum(nearest_int(iscale * x), nmax).astype(F32)
-        L = l.astype(np.int32).astype(np.uint8).astype(F32)
+        ni = np.minimum(nearest_int(iscale * x), nmax)
+        l = ni.astype(F32)
+        L = (ni & 0xFF).astype(F32)  # ggml stores the level in a uint8_t
         sumlx = seq_sum(wx * l)
         suml2 = seq_sum((w * l) * l)
-        for _ in range(5):  # no early exit needed: an unchanged pass is a fixed point
-            for i in range(n):
-                Li, wi, wxi = L[i], w[i], wx[i]
-                slx = sumlx - wxi * Li
-                sl2 = suml2 - (wi * Li) * Li
-                new_l = np.minimum(nearest_int((x[i] * sl2) / slx), nmax).astype(F32)
-                slx_n = slx + wxi * new_l
-                sl2_n = sl2 + (wi * new_l) * new_l
-                take = (
-                    (slx > 0) & (sl2 > 0) & (new_l != Li)
-                    & ((slx_n * slx_n) * suml2 > (sumlx * sumlx) * sl2_n)
-                )
-                L[i] = np.where(take, new_l.astype(np.int32).astype(np.uint8).astype(F32), Li)
-                sumlx = np.where(take, slx_n, sumlx)
-                suml2 = np.where(take, sl2_n, suml2)
+        _refine_levels(x, w, L, sumlx, suml2, 0, nmax, True)
         scale = np.where(suml2 > 0, sumlx / suml2, zero).astype(F32)
     L = L.astype(np.uint8)
     L[:, dead] = 0

@@ -8,8 +8,11 @@ works on contiguous `(n_blocks,)` vectors.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from predictor.errors import UsageError
 from predictor.quant._iq_grids import best_neighbours, grid_tables
 
 F32 = np.float32
@@ -414,11 +417,13 @@ def _weighted_fit(W, WX, L):
     return _seq_sum_last(WX * q), _seq_sum_last((W * q) * q)
 
 
-def _grid_search(tab, Xv, W, Wa, denom, nums, kmaxq, scale0, on_grid0, final_all):
+def _grid_search(tab, Xv, W, Wa, denom, nums, kmaxq, scale0, on_grid0, final):
     """The scale search shared by the IQ2/IQ3 quantizers for k active sub-blocks.
 
-    Xv, W, Wa: (k, B) |x|, weights, sqrt(weights). Try t uses 1/scale = nums[t] / denom. Returns levels
-    (k, B) uint8 and the sub-block scales (k,) float32 (possibly negative, as in ggml)."""
+    Xv, W, Wa: (k, B) |x|, weights, sqrt(weights). Try t uses 1/scale = nums[t] / denom. `final` says
+    which groups are re-rounded at the chosen scale: "offgrid" (those whose best try was off the grid),
+    "all_if_offgrid" (all of them when any was off the grid) or "all". Returns levels (k, B) uint8 and
+    the sub-block scales (k,) float32 (possibly negative, as in ggml)."""
     k, B = Xv.shape
     m = tab.group_size
     G = B // m
@@ -439,25 +444,85 @@ def _grid_search(tab, Xv, W, Wa, denom, nums, kmaxq, scale0, on_grid0, final_all
             best = np.where(better, scale * sumqx, best)
             L[better] = Laux[better]
             on_grid[better] = on[better]
-        redo = ~on_grid if not final_all else np.ones((k, G), bool)
-        blocks = np.flatnonzero((scale > 0) & redo.any(axis=1))
+        if final == "all":
+            redo = np.ones((k, G), bool)
+            go = scale > 0
+        else:
+            redo = ~on_grid if final == "offgrid" else np.repeat(~on_grid.all(axis=1)[:, None], G, 1)
+            go = (scale > 0) & redo.any(axis=1)
+        blocks = np.flatnonzero(go)
         if len(blocks):
             sc = scale[blocks]
             Lr, _, _ = _grid_assign(tab, Xg[blocks], Wag[blocks], F32(1) / sc, sc, kmaxq)
             Lb = L[blocks]
-            Lb[redo[blocks]] = Lr[redo[blocks]]
+            rb = redo[blocks]
+            Lb[rb] = Lr[rb]
             L[blocks] = Lb
             sumqx, sumq2 = _weighted_fit(W[blocks], WX[blocks], Lb.reshape(len(blocks), B))
             scale[blocks] = np.where(sumq2 > 0, sumqx / sumq2, sc)
     return L.reshape(k, B), scale
 
 
+def _make_qp_quants(x, nmax, w):
+    """ggml's make_qp_quants for rows of x (k, n) with weights w; returns the scale (k,).
+
+    Faithful to C's types: L is a uint8 array there, so a negative level (possible when one value was
+    sign-flipped) wraps to 256 + l in the steps that re-read L."""
+    k, n = x.shape
+    mx = np.maximum(x.max(axis=1), F32(0))
+    out = np.zeros(k, F32)
+    act = ~(mx < F32(1e-15))
+    if not act.any():
+        return out
+    x, w, mx = x[act], w[act], mx[act]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = F32(nmax) / mx
+        L = (_nearest_int(iscale[:, None] * x) & 0xFF).astype(F32)
+        sc = F32(1) / iscale
+        diff = x - sc[:, None] * L
+        best_mse = _seq_sum_last((w * diff) * diff)
+        for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+            iscale_is = (F32(0.1) * F32(step) + F32(nmax)) / mx
+            sc_is = F32(1) / iscale_is
+            l = np.minimum(_nearest_int(iscale_is[:, None] * x), nmax).astype(F32)
+            diff = x - sc_is[:, None] * l
+            mse = _seq_sum_last((w * diff) * diff)
+            better = mse < best_mse
+            best_mse = np.where(better, mse, best_mse)
+            iscale = np.where(better, iscale_is, iscale)
+        li = np.minimum(_nearest_int(iscale[:, None] * x), nmax)
+        l = li.astype(F32)
+        wx = w * x
+        sumlx = _seq_sum_last(wx * l)
+        suml2 = _seq_sum_last((w * l) * l)
+        Lu = (li & 0xFF).astype(F32)  # what C's uint8 L holds
+        for _ in range(5):  # a pass without changes leaves the state as it was, so no early exit needed
+            for i in range(n):
+                wi, xi, Li = w[:, i], x[:, i], Lu[:, i]
+                slx = sumlx - wx[:, i] * Li
+                sl2 = suml2 - (wi * Li) * Li
+                ok = (slx > 0) & (sl2 > 0)
+                new_l = np.minimum(_nearest_int((xi * sl2) / slx), nmax)
+                nl = new_l.astype(F32)
+                ok &= new_l != Li.astype(np.int32)
+                slx = slx + wx[:, i] * nl
+                sl2 = sl2 + (wi * nl) * nl
+                ok &= (slx * slx) * suml2 > (sumlx * sumlx) * sl2
+                Lu[:, i] = np.where(ok, (new_l & 0xFF).astype(F32), Li)
+                sumlx = np.where(ok, slx, sumlx)
+                suml2 = np.where(ok, sl2, suml2)
+        out[act] = np.where(suml2 > 0, sumlx / suml2, F32(0))
+    return out
+
+
 def _search_weights(xb, qwb, sigma_factor, fallback):
     """Per-element weights of the IQ2/IQ3 searches: qw*sqrt(sigma2 + x^2) with
-    sigma2 = sigma_factor * sum(x^2 over the 256 super-block) / 256 (sequential), else fallback(x, sigma2)."""
+    sigma2 = sigma_factor * sum(x^2 over the 256 super-block) / 256 (sequential), else fallback(x2, sigma2)."""
     x2 = xb * xb
     sumx2 = np.add.accumulate(x2, axis=1)[:, -1]
-    sigma2 = (F32(sigma_factor) * sumx2 / F32(QK_K))[:, None] if sigma_factor != 1 else (sumx2 / F32(QK_K))[:, None]
+    if sigma_factor != 1:
+        sumx2 = F32(sigma_factor) * sumx2
+    sigma2 = (sumx2 / F32(QK_K))[:, None]
     if qwb is not None:
         return qwb * np.sqrt(sigma2 + x2)
     return fallback(x2, sigma2)
@@ -468,33 +533,85 @@ def _sub_block_scale_codes(scales, fudge):
     nearest_int((scale/d - 1)/2) with d = max_scale/31; scales (n, n_sub)."""
     max_scale = scales.max(axis=1)
     d = max_scale / F32(31)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):
         inv = F32(1) / d
-    codes = np.clip(_nearest_int(F32(0.5) * (inv[:, None] * scales - F32(1))), 0, 15)
+        codes = np.clip(_nearest_int(F32(0.5) * (inv[:, None] * scales - F32(1))), 0, 15)
     dh = d * F32(fudge) if fudge != 1 else d
     return max_scale, dh, codes.astype(np.uint32)
 
 
+@dataclass(frozen=True)
+class _LatticeSpec:
+    grid: str  # key of _iq_grids.grid_tables
+    sub: int  # sub-block size B
+    kmaxq: int  # levels 0..kmaxq-1
+    sigma_factor: int  # sigma2 = factor * sum(x^2)/256
+    fallback: object  # weights without imatrix, f(x2, sigma2); None: imatrix required
+    parity: bool  # 7 stored sign bits per 8 values
+    eps: float  # sub-blocks with max |x| below this are skipped (0: only exact zeros)
+    nums: tuple  # numerators of the tried inverse scales
+    first_scale: str  # "max" (max / (2*kmaxq-1)) or "qp" (make_qp_quants; tries relative to 3*scale)
+    on_grid0: bool
+    final: str
+
+
+def _lattice_sub_blocks(spec: _LatticeSpec, xb, qwb):
+    """Run the search on every sub-block of the super-blocks xb (n, 256).
+
+    Returns grid indices (n_sub, B/m), sign bytes (n_sub, B/8), scales (n_sub,) >= 0 and the
+    active mask (skipped sub-blocks have index 0, signs 0, scale 0)."""
+    n = xb.shape[0]
+    B = spec.sub
+    tab = grid_tables(spec.grid)
+    m = tab.group_size
+    W = _search_weights(xb, qwb, spec.sigma_factor, spec.fallback).reshape(-1, B)
+    xval, signs = _flip_signs(xb.reshape(-1, B), W, spec.parity)
+    n_sub = xval.shape[0]
+    mx = xval.max(axis=1)
+    active = (mx != 0) if spec.eps == 0 else ~(mx < F32(spec.eps))
+    scales = np.zeros(n_sub, F32)
+    gidx = np.zeros((n_sub, B // m), np.int32)
+    if spec.first_scale == "qp":
+        first = np.zeros(n_sub, F32)
+        if active.any():
+            first[active] = _make_qp_quants(xval[active], spec.kmaxq + 1, W[active])
+        denom = first * F32(spec.kmaxq)
+        active &= denom > 0
+    else:
+        first = mx / F32(2 * spec.kmaxq - 1)
+        denom = mx
+    act = np.flatnonzero(active)
+    if len(act):
+        Wa = W[act]
+        L, sc = _grid_search(tab, xval[act], Wa, np.sqrt(Wa), denom[act], spec.nums, spec.kmaxq,
+                             first[act], spec.on_grid0, spec.final)
+        g = tab.kmap[tab.codes(L.reshape(len(act), B // m, m))]
+        assert (g >= 0).all(), "level vector not on the grid"  # ggml aborts here
+        gidx[act] = g
+        neg = act[sc < 0]  # "should never happen" in ggml, which then flips the signs
+        signs[neg] = ~signs[neg] & (127 if spec.parity else 255)
+        scales[act] = np.abs(sc)
+    signs[~active] = 0
+    return gidx, signs, scales, active
+
+
+def _nums(center, step, lo, hi):
+    return tuple(F32(center) + F32(i) * F32(step) for i in range(lo, hi + 1))
+
+
+_IQ3_XXS = _LatticeSpec("IQ3_XXS", 32, 8, 2, lambda x2, s2: x2, True, 1e-8, _nums(15, 0.2, -15, 15),
+                        "max", True, "offgrid")
+_IQ3_S = _LatticeSpec("IQ3_S", 32, 8, 2, lambda x2, s2: x2, False, 0, _nums(15, 0.2, -9, 9),
+                      "max", False, "all_if_offgrid")
+_IQ2_XXS = _LatticeSpec("IQ2_XXS", 32, 3, 1, None, True, 1e-15, _nums(5, 0.1, -6, 6), "qp", True, "all")
+_IQ2_XS = _LatticeSpec("IQ2_XS", 16, 3, 1, None, True, 1e-15, _nums(5, 0.1, -9, 9), "max", True, "offgrid")
+_IQ2_S = _LatticeSpec("IQ2_S", 16, 3, 2, lambda x2, s2: F32(0.25) * s2 + x2, False, 1e-8,
+                      _nums(5, 0.1, -9, 9), "max", True, "offgrid")
+
+
 def _iq3xxs_blocks(xb, qwb):
     n = xb.shape[0]
-    tab = grid_tables("IQ3_XXS")
-    W = _search_weights(xb, qwb, 2, lambda x2, s2: x2).reshape(n * 8, 32)
-    X = xb.reshape(n * 8, 32)
-    xval, signs = _flip_signs(X, W, parity=True)
-    mx = xval.max(axis=1)
-    act = np.flatnonzero(~(mx < F32(1e-8)))
-    scales = np.zeros(n * 8, F32)
-    gidx = np.zeros((n * 8, 8), np.int32)
-    if len(act):
-        nums = [F32(15) + F32(i) * F32(0.2) for i in range(-15, 16)]
-        L, sc = _grid_search(tab, xval[act], W[act], np.sqrt(W[act]), mx[act], nums, 8,
-                             mx[act] / F32(15), True, False)
-        gidx[act] = tab.kmap[tab.codes(L.reshape(-1, 8, 4))]
-        neg = sc < 0
-        signs[act[neg]] = ~signs[act[neg]] & 127
-        scales[act] = np.abs(sc)
-    signs[np.setdiff1d(np.arange(n * 8), act)] = 0
-    assert (gidx >= 0).all(), "IQ3_XXS: level vector not on the grid"
+    gidx, signs, scales, _ = _lattice_sub_blocks(_IQ3_XXS, xb, qwb)
     max_scale, dh, codes = _sub_block_scale_codes(scales.reshape(n, 8), 1.0125)
     # block_iq3_xxs: d fp16 | 64 grid indices (8 per 32-block) | 8 x u32: 4 x 7 sign bits, 4-bit scale
     s = signs.reshape(n, 8, 4).astype(np.uint32)
@@ -507,8 +624,363 @@ def _iq3xxs_blocks(xb, qwb):
     return out
 
 
+def _iq3s_blocks(xb, qwb):
+    n = xb.shape[0]
+    gidx, signs, scales, active = _lattice_sub_blocks(_IQ3_S, xb, qwb)
+    max_scale, dh, codes = _sub_block_scale_codes(scales.reshape(n, 8), 1.033)
+    gidx = gidx.reshape(n, 8, 8)
+    signs = signs.reshape(n, 8, 4)
+    active = active.reshape(n, 8)
+    # block_iq3_s: d fp16 | qs[64] low 8 bits of grid indices | qh[8] (bit k of qh[ib]: 9th bit of
+    # index k of sub-block ib) | signs[32] | scales[4] (two 4-bit codes per byte).
+    # ggml advances its qs/signs pointers only past sub-blocks it did not skip (all-zero ones), so
+    # later sub-blocks move down into the skipped slots; we place them the same way.
+    out = np.zeros((n, 110), np.uint8)
+    slot = np.cumsum(active, axis=1) - active  # slot of sub-block ib = active sub-blocks before it
+    rows, ibs = np.nonzero(active)
+    sl = slot[rows, ibs]
+    for k in range(8):
+        out[rows, 2 + 8 * sl + k] = (gidx[rows, ibs, k] & 255).astype(np.uint8)
+    for k in range(4):
+        out[rows, 74 + 4 * sl + k] = signs[rows, ibs, k]
+    qh = ((gidx >> 8).astype(np.uint8) << np.arange(8, dtype=np.uint8)).sum(axis=2, dtype=np.uint8)
+    out[:, 66:74] = qh * active
+    live = max_scale != 0
+    out[:, :2] = _fp16_bytes(np.where(live, dh, F32(0)))
+    c = codes.astype(np.uint8) * live[:, None]
+    out[:, 106:110] = c[:, 0::2] | (c[:, 1::2] << 4)
+    return out
+
+
+def _iq2xxs_blocks(xb, qwb):
+    n = xb.shape[0]
+    gidx, signs, scales, _ = _lattice_sub_blocks(_IQ2_XXS, xb, qwb)
+    max_scale, dh, codes = _sub_block_scale_codes(scales.reshape(n, 8), 1)
+    # block_iq2_xxs: d fp16 | per 32-block two u32: four 8-bit grid indices; 4 x 7 sign bits + 4-bit scale
+    g = gidx.reshape(n, 8, 4).astype(np.uint32)
+    s = signs.reshape(n, 8, 4).astype(np.uint32)
+    w0 = g[:, :, 0] | (g[:, :, 1] << 8) | (g[:, :, 2] << 16) | (g[:, :, 3] << 24)
+    w1 = s[:, :, 0] | (s[:, :, 1] << 7) | (s[:, :, 2] << 14) | (s[:, :, 3] << 21) | (codes << 28)
+    words = np.stack([w0, w1], axis=2).reshape(n, 16)
+    out = np.zeros((n, 66), np.uint8)
+    live = max_scale != 0
+    out[:, :2] = _fp16_bytes(np.where(live, dh, F32(0)))
+    out[live, 2:] = words[live].astype("<u4").view(np.uint8).reshape(-1, 64)
+    return out
+
+
+def _iq2xs_blocks(xb, qwb):
+    n = xb.shape[0]
+    gidx, signs, scales, _ = _lattice_sub_blocks(_IQ2_XS, xb, qwb)
+    max_scale, dh, codes = _sub_block_scale_codes(scales.reshape(n, 16), 1)
+    # block_iq2_xs: d fp16 | qs u16[32]: 9-bit grid index | 7 sign bits << 9 | scales[8] (4-bit pairs)
+    q = gidx.reshape(n, 32).astype(np.uint16) | (signs.reshape(n, 32).astype(np.uint16) << 9)
+    out = np.zeros((n, 74), np.uint8)
+    live = max_scale != 0
+    out[:, :2] = _fp16_bytes(np.where(live, dh, F32(0)))
+    out[live, 2:66] = q[live].astype("<u2").view(np.uint8).reshape(-1, 64)
+    c = codes.astype(np.uint8) * live[:, None]
+    out[:, 66:74] = c[:, 0::2] | (c[:, 1::2] << 4)
+    return out
+
+
+def _iq2s_blocks(xb, qwb):
+    n = xb.shape[0]
+    gidx, signs, scales, _ = _lattice_sub_blocks(_IQ2_S, xb, qwb)
+    max_scale, dh, codes = _sub_block_scale_codes(scales.reshape(n, 16), 0.9875)
+    # block_iq2_s: d fp16 | qs[32] low 8 bits of the 32 grid indices | qs[32] sign bytes |
+    #              qh[8] (2 high bits of index i at bits 2*(i%4) of qh[i/4]) | scales[8] (4-bit pairs)
+    g = gidx.reshape(n, 32)
+    out = np.zeros((n, 82), np.uint8)
+    out[:, 2:34] = (g & 255).astype(np.uint8)
+    out[:, 34:66] = signs.reshape(n, 32)
+    hi = (g >> 8).astype(np.uint8).reshape(n, 8, 4)
+    out[:, 66:74] = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+    live = max_scale != 0
+    out[:, :2] = _fp16_bytes(np.where(live, dh, F32(0)))
+    c = codes.astype(np.uint8) * live[:, None]
+    out[:, 74:82] = c[:, 0::2] | (c[:, 1::2] << 4)
+    return out
+
+
+# ------------------------------------------------------------------------------------ IQ1_S / IQ1_M
+#
+# Values are (-1, 0, 1) + shift*delta. ggml sorts each sub-block by x (glibc's qsort on 32 or 16 pairs
+# is a stable merge sort), tries every split of the sorted values into the three levels, and scans the
+# candidates in a fixed order keeping the best weighted fit; ties and rounding make that scan order
+# matter, so we replay it candidate by candidate (vectorised over sub-blocks).
+
+_IQ1_DELTA = F32(0.125)
+_IQ1_XP = np.array([F32(-1) + _IQ1_DELTA, _IQ1_DELTA, F32(1) + _IQ1_DELTA], F32)
+_IQ1_XM = np.array([F32(-1) - _IQ1_DELTA, -_IQ1_DELTA, F32(1) - _IQ1_DELTA], F32)
+_FLT_MAX = F32(np.finfo(F32).max)
+
+
+def _split_pairs(B):
+    """(i1, i2) for 0 <= i1 <= i2 <= B in ggml's loop order."""
+    i1, i2 = np.triu_indices(B + 1)
+    return i1, i2
+
+
+def _scan_best(sqx, sq2):
+    """Replay `if (sumq2 > 0 && sumqx*sumqx > best*sumq2) {scale = sumqx/sumq2; best = scale*sumqx;}`
+    over candidates (C, k) in order; returns chosen candidate (k,) (-1: none) and scale (k,)."""
+    C, k = sqx.shape
+    best = np.full(k, -_FLT_MAX, F32)
+    scale = np.zeros(k, F32)
+    choice = np.full(k, -1, np.int32)
+    t1 = np.empty(k, F32)
+    t2 = np.empty(k, F32)
+    better = np.empty(k, bool)
+    pos = np.empty(k, bool)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for c in range(C):
+            qx, q2 = sqx[c], sq2[c]
+            np.multiply(qx, qx, out=t1)
+            np.multiply(best, q2, out=t2)
+            np.greater(t1, t2, out=better)
+            np.greater(q2, 0, out=pos)
+            better &= pos
+            if not better.any():
+                continue
+            np.divide(qx, q2, out=t1)
+            np.copyto(scale, t1, where=better)
+            np.multiply(t1, qx, out=t2)
+            np.copyto(best, t2, where=better)
+            choice[better] = c
+    return choice, scale
+
+
+def _iq1_levels(order, i1, i2):
+    """Levels 0/1/2 by rank in the sorted order: rank < i1 -> 0, < i2 -> 1, else 2."""
+    k, B = order.shape
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(B)[None, :], axis=1)
+    return ((ranks >= i1[:, None]).astype(np.uint8) + (ranks >= i2[:, None])).astype(np.uint8)
+
+
+def _iq1_grid_fit(X, W, L, scale, vals, groups_vals):
+    """Snap each group of 8 levels to the IQ1 grid (neighbour search where off-grid) and refit the
+    scale when any group moved. vals: (k, n_groups, 3) level values per group. Returns grid indices
+    (k, n_groups) and the scale (k,)."""
+    tab = grid_tables("IQ1")
+    k, B = X.shape
+    G = B // 8
+    u = tab.codes(L.reshape(k, G, 8))
+    gi = tab.kmap[u]
+    off = gi < 0
+    if off.any():
+        bi, gk = np.nonzero(off)
+        gi[bi, gk] = best_neighbours(tab, u[bi, gk], X.reshape(k, G, 8)[bi, gk], W.reshape(k, G, 8)[bi, gk],
+                                     scale[bi], level_values=vals[bi, gk])
+        redo = np.flatnonzero(off.any(axis=1))
+        lv = tab.levels[gi[redo]].astype(np.intp)  # (r, G, 8)
+        q = np.take_along_axis(vals[redo], lv, axis=2).reshape(len(redo), B)
+        wq = W[redo] * q
+        sumqx = _seq_sum_last(wq * X[redo])
+        sumq2 = _seq_sum_last(wq * q)
+        ok = (sumqx > 0) & (sumq2 > 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale[redo] = np.where(ok, sumqx / sumq2, scale[redo])
+    return gi, scale
+
+
+def _iq1s_blocks(xb, qwb):
+    n = xb.shape[0]
+    B = 32
+    W = _search_weights(xb, qwb, 2, None).reshape(-1, B)
+    X = xb.reshape(-1, B)
+    n_sub = X.shape[0]
+    mx = np.abs(X).max(axis=1)
+    scales = np.zeros(n_sub, F32)
+    minus = np.zeros(n_sub, bool)  # shift -1 (values shifted by -delta)
+    gidx = np.zeros((n_sub, 4), np.int32)
+    act = np.flatnonzero(~(mx < F32(1e-12)))
+    if len(act):
+        Xa, Wa = X[act], W[act]
+        order = np.argsort(Xa, axis=1, kind="stable")
+        ws = np.take_along_axis(Wa, order, axis=1)
+        xs = np.take_along_axis(Xa, order, axis=1)
+        zero = np.zeros((len(act), 1), F32)
+        sumx = np.concatenate([zero, np.cumsum(ws * xs, axis=1, dtype=F32)], axis=1).T  # (33, k)
+        sumw = np.concatenate([zero, np.cumsum(ws, axis=1, dtype=F32)], axis=1).T
+        i1, i2 = _split_pairs(B)
+        a, b, c = sumx[i1], sumx[i2] - sumx[i1], sumx[B] - sumx[i2]
+        aw, bw, cw = sumw[i1], sumw[i2] - sumw[i1], sumw[B] - sumw[i2]
+        cand_x, cand_2 = [], []
+        for v in (_IQ1_XP, _IQ1_XM):  # per split: shift +1 first, then -1
+            cand_x.append((a * v[0] + b * v[1]) + c * v[2])
+            cand_2.append(((aw * v[0]) * v[0] + (bw * v[1]) * v[1]) + (cw * v[2]) * v[2])
+        sqx = np.stack(cand_x, axis=1).reshape(-1, len(act))
+        sq2 = np.stack(cand_2, axis=1).reshape(-1, len(act))
+        choice, sc = _scan_best(sqx, sq2)
+        ok = choice >= 0
+        act, order, choice, sc = act[ok], order[ok], choice[ok], sc[ok]
+        Xa, Wa = X[act], W[act]
+        pair = choice // 2
+        neg_shift = choice % 2 == 1
+        L = _iq1_levels(order, i1[pair], i2[pair])
+        flip = sc < 0
+        L[flip] = 2 - L[flip]
+        sc = np.abs(sc)
+        neg_shift ^= flip
+        vals = np.where(neg_shift[:, None], _IQ1_XM[None, :], _IQ1_XP[None, :])
+        gi, sc = _iq1_grid_fit(Xa, Wa, L, sc, np.repeat(vals[:, None, :], 4, axis=1), None)
+        gidx[act] = gi
+        scales[act] = sc
+        minus[act] = neg_shift
+    max_scale = scales.reshape(n, 8).max(axis=1)
+    d = max_scale / F32(15)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = F32(1) / d
+        l = np.clip(_nearest_int(F32(0.5) * (inv[:, None] * scales.reshape(n, 8) - F32(1))), 0, 7)
+    live = max_scale != 0
+    l = (l | (minus.reshape(n, 8) * 8)) * live[:, None]
+    # block_iq1_s: d fp16 | qs[32] low 8 bits of grid indices | qh u16[8]: three 3-bit index tops,
+    #              bits 12..14 scale code, bit 15 shift sign
+    g = gidx.reshape(n, 8, 4)
+    qh = ((g[:, :, 0] >> 8) | ((g[:, :, 1] >> 8) << 3) | ((g[:, :, 2] >> 8) << 6) | ((g[:, :, 3] >> 8) << 9))
+    qh = qh | (l << 12)
+    out = np.zeros((n, 50), np.uint8)
+    out[:, :2] = _fp16_bytes(np.where(live, d * F32(1.125), F32(0)))
+    out[:, 2:34] = (g.reshape(n, 32) & 255).astype(np.uint8)
+    out[:, 34:50] = qh.astype("<u2").view(np.uint8).reshape(n, 16)
+    return out
+
+
+def _iq1m_blocks(xb, qwb):
+    n = xb.shape[0]
+    B = 16
+    W = _search_weights(xb, qwb, 2, lambda x2, s2: x2).reshape(-1, B)
+    X = xb.reshape(-1, B)
+    n_sub = X.shape[0]
+    mx = np.abs(X).max(axis=1)
+    scales = np.zeros(n_sub, F32)
+    shifts = np.zeros(n_sub, np.int32)  # best_k: bit 1 -> first 8 use x_m, bit 0 -> last 8 use x_m
+    gidx = np.zeros((n_sub, 2), np.int32)
+    act = np.flatnonzero(~(mx < F32(1e-7)))
+    xp, xm = _IQ1_XP, _IQ1_XM
+    if len(act):
+        Xa, Wa = X[act], W[act]
+        k = len(act)
+        order = np.argsort(Xa, axis=1, kind="stable")
+        ws = np.take_along_axis(Wa, order, axis=1)
+        xs = np.take_along_axis(Xa, order, axis=1)
+        half = order >= B // 2  # sorted element j comes from the second half of the sub-block
+        # The reference build (llama.cpp b10572) sums every candidate split directly, element by
+        # element in sorted order, into four sums (signs of the two halves: ++, +-, -+, --).
+        i1, i2 = _split_pairs(B)
+        level = (np.arange(B)[:, None] >= i1[None, :]).astype(np.intp) + (np.arange(B)[:, None] >= i2[None, :])
+        t_x, t_2 = {}, {}
+        for key, v in (("p", xp), ("m", xm)):
+            wv = ws[:, :, None] * v[None, None, :]  # (k, B, 3)
+            t_x[key] = wv * xs[:, :, None]
+            t_2[key] = wv * v[None, None, :]
+        sqx = np.empty((len(i1), 4, k), F32)
+        sq2 = np.empty((len(i1), 4, k), F32)
+        for kk, (first, second) in enumerate((("p", "p"), ("p", "m"), ("m", "p"), ("m", "m"))):
+            hx = np.where(half[:, :, None], t_x[second], t_x[first])
+            h2 = np.where(half[:, :, None], t_2[second], t_2[first])
+            ax = np.zeros((k, len(i1)), F32)
+            a2 = np.zeros((k, len(i1)), F32)
+            for j in range(B):
+                ax += hx[:, j, :][:, level[j]]
+                a2 += h2[:, j, :][:, level[j]]
+            sqx[:, kk, :] = ax.T
+            sq2[:, kk, :] = a2.T
+        choice, sc = _scan_best(sqx.reshape(-1, k), sq2.reshape(-1, k))
+        ok = choice >= 0
+        act, order, choice, sc = act[ok], order[ok], choice[ok], sc[ok]
+        Xa, Wa = X[act], W[act]
+        pair = choice // 4
+        best_k = choice % 4
+        L = _iq1_levels(order, i1[pair], i2[pair])
+        flip = sc < 0
+        L[flip] = 2 - L[flip]
+        sc = np.abs(sc)
+        best_k = np.where(flip, 3 - best_k, best_k)
+        vals = _iq1m_group_values(best_k)
+        gi, sc = _iq1_grid_fit(Xa, Wa, L, sc, vals, None)
+        gidx[act] = gi
+        scales[act] = sc
+        shifts[act] = best_k
+    scales = scales.reshape(n, 16)
+    max_scale = scales.max(axis=1)
+    live = max_scale != 0
+    d = max_scale / F32(15)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = F32(1) / d
+        l = np.clip(_nearest_int(F32(0.5) * (inv[:, None] * scales - F32(1))), 0, 7)
+    # refit the super-block scale over all 256 values with the chosen grid points and sub-scales
+    tab = grid_tables("IQ1")
+    lv = tab.levels[gidx].astype(np.intp)  # (n_sub, 2, 8)
+    q = np.take_along_axis(_iq1m_group_values(shifts), lv, axis=2).reshape(n, 16, 16)
+    q = (q * (F32(2) * l.astype(F32) + F32(1))[:, :, None]).reshape(n, QK_K)
+    wq = W.reshape(n, QK_K) * q
+    sumqx = _seq_sum_last(wq * xb)
+    sumq2 = _seq_sum_last(wq * q)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.where(sumq2 > 0, sumqx / sumq2, d)
+    dbits = (d * F32(1.1125)).astype("<f2").view(np.uint16).astype(np.uint16)
+    # block_iq1_m: qs[32] low 8 bits of grid indices | qh[16]: per sub-block two 3-bit index tops
+    # (bits 0-2, 4-6) and shift flags 0x08/0x80 | scales u16[4]: four 3-bit sub-scales each, and the
+    # fp16 super-block scale spread over their top nibbles
+    g = gidx.reshape(n, 16, 2)
+    masks = np.array([0x00, 0x80, 0x08, 0x88], np.uint8)
+    qh = ((g[:, :, 0] >> 8) | ((g[:, :, 1] >> 8) << 4)).astype(np.uint8)
+    qh |= masks[shifts.reshape(n, 16)] * live[:, None].astype(np.uint8)
+    lw = (l.astype(np.uint16) << (3 * (np.arange(16) % 4)).astype(np.uint16)).reshape(n, 4, 4)
+    sc = np.bitwise_or.reduce(lw, axis=2)
+    sc[:, 0] |= (dbits & 0x000F) << 12
+    sc[:, 1] |= (dbits & 0x00F0) << 8
+    sc[:, 2] |= (dbits & 0x0F00) << 4
+    sc[:, 3] |= dbits & 0xF000
+    sc *= live[:, None].astype(np.uint16)
+    out = np.zeros((n, 56), np.uint8)
+    out[:, :32] = (g.reshape(n, 32) & 255).astype(np.uint8)
+    out[:, 32:48] = qh
+    out[:, 48:56] = sc.astype("<u2").view(np.uint8).reshape(n, 8)
+    return out
+
+
+def _iq1m_group_values(best_k):
+    """Level values of the two groups of 8 for IQ1_M shift codes (k,) -> (k, 2, 3)."""
+    first = np.where((best_k < 2)[:, None], _IQ1_XP[None], _IQ1_XM[None])
+    second = np.where((best_k % 2 == 0)[:, None], _IQ1_XP[None], _IQ1_XM[None])
+    return np.stack([first, second], axis=1)
+
+
+def quantize_iq1_m(x, imatrix):
+    return _blockwise(x, imatrix, QK_K, 56, _iq1m_blocks)
+
+
+quantize_iq1_s = None  # set below (needs an imatrix)
+
+
+def _needs_imatrix(name, fn):
+    def quantize(x, imatrix):
+        if imatrix is None:
+            raise UsageError(f"{name} needs an importance matrix (ggml refuses to quantize it without one)")
+        return fn(x, imatrix)
+
+    return quantize
+
+
 def quantize_iq3_xxs(x, imatrix):
     return _blockwise(x, imatrix, QK_K, 98, _iq3xxs_blocks)
+
+
+def quantize_iq3_s(x, imatrix):
+    return _blockwise(x, imatrix, QK_K, 110, _iq3s_blocks)
+
+
+def quantize_iq2_s(x, imatrix):
+    return _blockwise(x, imatrix, QK_K, 82, _iq2s_blocks)
+
+
+quantize_iq2_xxs = _needs_imatrix("IQ2_XXS", lambda x, im: _blockwise(x, im, QK_K, 66, _iq2xxs_blocks))
+quantize_iq2_xs = _needs_imatrix("IQ2_XS", lambda x, im: _blockwise(x, im, QK_K, 74, _iq2xs_blocks))
+quantize_iq1_s = _needs_imatrix("IQ1_S", lambda x, im: _blockwise(x, im, QK_K, 50, _iq1s_blocks))
 
 
 QUANTIZERS: dict = {
@@ -518,6 +990,12 @@ QUANTIZERS: dict = {
     "TQ2_0": quantize_tq2_0,
     "MXFP4": quantize_mxfp4,
     "IQ3_XXS": quantize_iq3_xxs,
+    "IQ3_S": quantize_iq3_s,
+    "IQ2_XXS": quantize_iq2_xxs,
+    "IQ2_XS": quantize_iq2_xs,
+    "IQ2_S": quantize_iq2_s,
+    "IQ1_S": quantize_iq1_s,
+    "IQ1_M": quantize_iq1_m,
 }
 DEQUANTIZERS: dict = {
     "IQ4_NL": dequantize_iq4_nl,

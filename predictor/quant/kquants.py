@@ -23,6 +23,7 @@ from predictor.quant._search import (
     fp16_bits,
     fp16_round,
     fp16_to_f32,
+    for_row_chunks,
     make_q3_quants_t,
     make_qkx_quants_t,
     make_qp_quants_t,
@@ -131,6 +132,16 @@ def _unpack_q3_scales(s: np.ndarray) -> np.ndarray:
     low = np.concatenate([s[:, 0:8] & 0xF, s[:, 0:8] >> 4], axis=1)
     hi = (s[:, 8:12].reshape(-1, 1, 4) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 4, 1)) & 3
     return (low | (hi.reshape(-1, 16) << 4)).astype(np.int8) - np.int8(32)
+
+
+def _qp_scales_and_mins(scales, mins, sw, n, nmax):
+    """`make_qp_quants` for the sub-block scales and for the mins, in one call (blocks are independent).
+
+    scales, mins: (n_sub,); sw: (n, n_super). Returns (d, dmin, Ls, Lm) with L* (n, n_super)."""
+    nsb = sw.shape[1]
+    both = np.concatenate([scales.reshape(-1, n).T, mins.reshape(-1, n).T], axis=1)
+    d, L = make_qp_quants_t(both, nmax, np.concatenate([sw, sw], axis=1))
+    return d[:nsb], d[nsb:], L[:, :nsb], L[:, nsb:]
 
 
 def _first_absmax(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -252,8 +263,7 @@ def _q2_k(x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
         w = _imatrix_t(imatrix, rows, 16) * np.sqrt(_per_sub(sigma2, 16) + xt * xt)
         sw = seq_sum(w).reshape(-1, 16).T.copy()
         scales, mins, L = make_qkx_quants_t(xt, w, 3, -0.9, 0.05, 36, False)
-        d, Ls = make_qp_quants_t(scales.reshape(-1, 16).T.copy(), 15, sw)
-        dmin, Lm = make_qp_quants_t(mins.reshape(-1, 16).T.copy(), 15, sw)
+        d, dmin, Ls, Lm = _qp_scales_and_mins(scales, mins, sw, 16, 15)
         packed = np.ascontiguousarray((Ls | (Lm << 4)).T)
     d_bits, dmin_bits = fp16_bits(d), fp16_bits(dmin)
     d_sub = (fp16_to_f32(d_bits)[:, None] * (packed & 0xF).astype(F32)).reshape(-1)
@@ -301,8 +311,7 @@ def _scale_min_search(x, imatrix, nmax, ref_params):
         w = _imatrix_t(imatrix, rows, 32) * np.sqrt(_per_sub(sigma2, 32) + xt * xt)
         sw = seq_sum(w).reshape(-1, 8).T.copy()
         scales, mins, L = make_qkx_quants_t(xt, w, nmax, -0.9, 0.05, 36, False)
-        d, Ls = make_qp_quants_t(scales.reshape(-1, 8).T.copy(), 63, sw)
-        dmin, Lm = make_qp_quants_t(mins.reshape(-1, 8).T.copy(), 63, sw)
+        d, dmin, Ls, Lm = _qp_scales_and_mins(scales, mins, sw, 8, 63)
         ls, lm = np.ascontiguousarray(Ls.T), np.ascontiguousarray(Lm.T)
         if nmax == 31:  # only Q5_K's impl clamps here
             ls, lm = np.minimum(ls, 63), np.minimum(lm, 63)
@@ -363,10 +372,11 @@ def _quantizer(fn, block_bytes):
         rows, cols = x.shape
         out = np.empty((rows, cols // QK_K * block_bytes), np.uint8)
         imatrix = None if imatrix is None else np.asarray(imatrix, F32)
-        step = max(1, CHUNK_ELEMENTS // cols)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
+
+        def work(r0: int, r1: int) -> None:
             out[r0:r1] = fn(np.asarray(x[r0:r1], F32), imatrix).reshape(r1 - r0, -1)
+
+        for_row_chunks(rows, cols, CHUNK_ELEMENTS, work)
         return out
 
     return quantize

@@ -22,6 +22,7 @@ from predictor.quant._search import (
     F32,
     first_max,
     first_min,
+    for_row_chunks,
     fp16_bits,
     fp16_to_f32,
     make_qkx_quants_t,
@@ -33,14 +34,8 @@ QK = 32
 # Row chunk size (elements) for the search paths: big enough to amortise Python overhead, small
 # enough that the ~20 float32 temporaries of a search step stay in cache (and memory stays bounded).
 CHUNK_ELEMENTS = 1 << 16
-CHUNK_ELEMENTS_SIMPLE = 1 << 20
+CHUNK_ELEMENTS_SIMPLE = 1 << 16
 _HALF_DOWN = np.nextafter(F32(0.5), F32(0))  # roundf(v) == trunc(v + copysign(0.49999997, v))
-
-
-def _row_chunks(rows: int, cols: int, target: int):
-    step = max(1, target // max(cols, 1))
-    for r0 in range(0, rows, step):
-        yield r0, min(rows, r0 + step)
 
 
 def _pack_nibbles(q: np.ndarray) -> np.ndarray:
@@ -60,12 +55,40 @@ def _f16_bytes(v: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------- no-imatrix (_ref)
 
 
+# Reductions over the 32 values of each block are done on integer views of the float bits:
+# numpy's float min/max/argmax along a short last axis cost several times more than integer ones.
+_ABS = np.int32(0x7FFFFFFF)
+
+
+def _abs_bits(xb: np.ndarray) -> np.ndarray:
+    return xb.view(np.int32) & _ABS  # |x| as int32: same order as the floats
+
+
+def _abs_max_rows(xb: np.ndarray) -> np.ndarray:
+    """max |x| per block (ggml `amax = MAX(amax, fabsf(v))`)."""
+    return _abs_bits(xb).max(axis=1).view(F32)
+
+
 def _signed_absmax_rows(xb: np.ndarray) -> np.ndarray:
     """Signed value of largest |x| (first one), +0 for an all-zero block (ggml starts from 0.0f)."""
-    ax = np.abs(xb)
-    idx = np.argmax(ax, axis=1)
-    mx = np.take_along_axis(xb, idx[:, None], axis=1)[:, 0]
-    return np.where(np.take_along_axis(ax, idx[:, None], axis=1)[:, 0] > 0, mx, F32(0))
+    ab = _abs_bits(xb)
+    amax = ab.max(axis=1)
+    # bit j set where element j reaches the max; the lowest set bit is ggml's first hit
+    hits = np.packbits(ab == amax[:, None], axis=1, bitorder="little").view("<u4")[:, 0]
+    signs = np.packbits(np.signbit(xb), axis=1, bitorder="little").view("<u4")[:, 0]
+    first = hits & (~hits + np.uint32(1))
+    a = amax.view(F32)
+    return np.where(amax == 0, F32(0), np.where((first & signs) != 0, -a, a))
+
+
+def _ordered(xb: np.ndarray) -> np.ndarray:
+    """float32 -> int32 with the same order (negative floats get their magnitude bits flipped)."""
+    s = xb.view(np.int32)
+    return s ^ ((s >> 31) & _ABS)
+
+
+def _unordered(k: np.ndarray) -> np.ndarray:
+    return (k ^ ((k >> 31) & _ABS)).view(F32)
 
 
 def _inverse(d: np.ndarray) -> np.ndarray:
@@ -74,9 +97,9 @@ def _inverse(d: np.ndarray) -> np.ndarray:
 
 
 def _q8_0_ref(xb: np.ndarray) -> np.ndarray:
-    d = np.abs(xb).max(axis=1) / F32(127)
+    d = _abs_max_rows(xb) / F32(127)
     v = xb * _inverse(d)[:, None]
-    q = np.trunc(v + np.copysign(_HALF_DOWN, v)).astype(np.int8)
+    q = (v + np.copysign(_HALF_DOWN, v)).astype(np.int8)  # the cast truncates: roundf
     return np.concatenate([_f16_bytes(d), q.view(np.uint8)], axis=1)
 
 
@@ -95,8 +118,17 @@ def _q5_0_ref(xb: np.ndarray) -> np.ndarray:
 
 
 def _min_max_rows(xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    # the fp16 of min is stored, so a zero min must carry the sign of the first zero ggml meets
-    return first_min(xb.T), xb.max(axis=1)
+    """ggml's `if (v < min) min = v; if (v > max) max = v;` per block. The fp16 of min is stored, so
+    a zero result takes the sign of the first zero met, as the strict comparisons do."""
+    k = _ordered(xb)
+    mn, mx = _unordered(k.min(axis=1)), _unordered(k.max(axis=1))
+    zero = (mn == 0) | (mx == 0)
+    if zero.any():
+        rows = np.flatnonzero(zero)
+        sub = xb[rows].T
+        mn[rows] = first_min(sub)
+        mx[rows] = first_max(sub)
+    return mn, mx
 
 
 def _q4_1_ref(xb: np.ndarray) -> np.ndarray:
@@ -163,13 +195,18 @@ def _quantizer(ref, imat, block_bytes):
         nbr = cols // QK
         out = np.empty((rows, nbr * block_bytes), np.uint8)
         if imatrix is None or imat is None:
-            for r0, r1 in _row_chunks(rows, cols, CHUNK_ELEMENTS_SIMPLE):
-                blocks = ref(x[r0:r1].reshape(-1, QK))
-                out[r0:r1] = blocks.reshape(r1 - r0, -1)
+
+            def work(r0: int, r1: int) -> None:
+                out[r0:r1] = ref(x[r0:r1].reshape(-1, QK)).reshape(r1 - r0, -1)
+
+            for_row_chunks(rows, cols, CHUNK_ELEMENTS_SIMPLE, work)
         else:
             imatrix = np.asarray(imatrix, F32)
-            for r0, r1 in _row_chunks(rows, cols, CHUNK_ELEMENTS):
+
+            def work(r0: int, r1: int) -> None:
                 out[r0:r1] = imat(x[r0:r1], imatrix).reshape(r1 - r0, -1)
+
+            for_row_chunks(rows, cols, CHUNK_ELEMENTS, work)
         return out
 
     return quantize
