@@ -16,6 +16,7 @@ import gguf.quants
 import numpy as np
 
 from predictor import quant
+from predictor.errors import UsageError
 
 
 def best_time(fn, repeat: int) -> float:
@@ -43,7 +44,10 @@ def main() -> None:
     print(f"input {args.rows}x{args.cols} float32 ({n / 1e6:.1f}M weights), best of {args.repeat}")
     print(f"{'type':<8} {'ours':>9} {'ours+imat':>10} {'gguf':>9} {'ours/gguf':>10}  (M weights/s)")
     for t in types:
-        ours = n / best_time(lambda: quant.quantize(x, t), args.repeat) / 1e6
+        try:
+            ours = n / best_time(lambda: quant.quantize(x, t), args.repeat) / 1e6
+        except UsageError:  # IQ2_XXS, IQ2_XS, IQ1_S: ggml requires an imatrix
+            ours = None
         ours_i = n / best_time(lambda: quant.quantize(x, t, imatrix=imatrix), args.repeat) / 1e6
         gtype = getattr(gguf.GGMLQuantizationType, t, None)
         g = ratio = None
@@ -52,14 +56,15 @@ def main() -> None:
                 ref = gguf.quants.quantize(x, gtype)
                 same = np.array_equal(ref.view(np.uint8).reshape(args.rows, -1), quant.quantize(x, t))
                 g = n / best_time(lambda: gguf.quants.quantize(x, gtype), args.repeat) / 1e6
-                ratio = ours / g
+                ratio = ours / g if ours else None
                 if not same:
                     print(f"  note: gguf.quants bytes differ from ours for {t} (gguf has no exact path)")
             except NotImplementedError:
                 pass
         gs = f"{g:>9.2f}" if g else f"{'-':>9}"
         rs = f"{ratio:>9.2f}x" if ratio else f"{'-':>10}"
-        print(f"{t:<8} {ours:>9.2f} {ours_i:>10.2f} {gs} {rs}")
+        os_ = f"{ours:>9.2f}" if ours else f"{'-':>9}"
+        print(f"{t:<8} {os_} {ours_i:>10.2f} {gs} {rs}")
 
 
 if __name__ == "__main__":

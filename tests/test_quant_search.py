@@ -265,7 +265,9 @@ def test_seq_sum_start_with_first_keeps_negative_zero():
     assert not np.signbit(seq_sum(a)[0])
 
 
-@pytest.mark.parametrize("n,nmax,weighted", [(32, 8, True), (32, 16, True), (16, 4, True), (16, 32, False), (16, 32, True)])
+@pytest.mark.parametrize(
+    "n,nmax,weighted", [(32, 8, True), (32, 16, True), (16, 4, True), (16, 32, False), (16, 32, True)]
+)
 def test_make_qx_quants_matches_scalar(n, nmax, weighted):
     x, w = hostile_blocks(n, 12, seed=n + nmax)
     scale, L = make_qx_quants(x, nmax, w if weighted else None)
@@ -343,7 +345,10 @@ def test_row_chunks_and_threads_do_not_change_bytes(qtype, monkeypatch):
             assert np.array_equal(got, whole)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+ALL_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES)
 def test_dequantize_inverts_quantize_within_one_step(qtype):
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((4, 512)) * 0.02).astype(f32)

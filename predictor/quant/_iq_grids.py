@@ -14,6 +14,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from predictor.errors import UnsupportedError
+
 # name: (gguf class, bits per level in the index code, n_want neighbour distances, levels searched)
 _SPECS = {
     "IQ2_XXS": ("IQ2_XXS", 2, 2, 3),
@@ -30,6 +32,8 @@ class GridTables:
     levels: np.ndarray  # (n_grid, m) uint8: level l of each element of each grid point
     pos: np.ndarray  # (n_grid, m) float32: 2l+1, the values ggml's searches compare against
     kmap: np.ndarray  # (n_codes,) int32: grid index of level code u, -1 if u is not on the grid
+    pos_t: np.ndarray  # (m, n_grid) float32: pos transposed
+    levels_t: np.ndarray  # (m, n_grid) intp: levels transposed
     nb_flat: np.ndarray  # all neighbour lists back to back (int32 grid indices)
     nb_start: np.ndarray  # (n_codes,) int64: where the list of code u starts in nb_flat
     nb_count: np.ndarray  # (n_codes,) int64: its length (0 for grid points and unreachable codes)
@@ -91,6 +95,8 @@ def grid_tables(name: str) -> GridTables:
     return GridTables(
         levels=levels,
         pos=(2 * levels.astype(np.float32) + 1),
+        pos_t=np.ascontiguousarray(2 * levels.T.astype(np.float32) + 1),
+        levels_t=np.ascontiguousarray(levels.T.astype(np.intp)),
         kmap=kmap,
         nb_flat=np.concatenate(lists).astype(np.int32),
         nb_start=nb_start,
@@ -107,30 +113,43 @@ def best_neighbours(t: GridTables, codes, xval, waux, scale, level_values=None) 
     the first in list order wins ties. q is 2l+1, or level_values[item, l] when given (IQ1).
     Returns grid indices (M,)."""
     n_items = len(codes)
+    out = np.empty(n_items, np.int32)
     if n_items == 0:
-        return np.zeros(0, np.int32)
+        return out
     cnt = t.nb_count[codes]
     if np.any(cnt == 0):
         raise AssertionError("code without neighbour list")  # ggml asserts here too
-    seg_start = np.cumsum(cnt) - cnt
-    seg = np.repeat(np.arange(n_items), cnt)
-    total = int(cnt.sum())
-    cand = t.nb_flat[np.arange(total) - seg_start[seg] + t.nb_start[codes][seg]]
-    if level_values is None:
-        q = t.pos[cand]
-    else:
-        q = np.take_along_axis(level_values[seg], t.levels[cand].astype(np.intp), axis=1)
-    sc = scale[seg]
-    xs = xval[seg]
-    ws = waux[seg]
-    d2 = np.zeros(total, np.float32)
-    for i in range(q.shape[1]):
-        diff = sc * q[:, i] - xs[:, i]
-        d2 += (ws[:, i] * diff) * diff
-    seg_min = np.minimum.reduceat(d2, seg_start)
-    if not np.all(seg_min < np.finfo(np.float32).max):
+    # Lists differ in length (1 to a few hundred): group the items by length class and pad each
+    # class to its longest list, so every step below is a dense (items, width) array operation.
+    width_class = np.ceil(np.log2(cnt)).astype(np.int64)
+    for c in np.unique(width_class):
+        sel = np.flatnonzero(width_class == c)
+        lv = None if level_values is None else level_values[sel]
+        out[sel] = _best_neighbours_dense(t, codes[sel], cnt[sel], xval[sel], waux[sel], scale[sel], lv)
+    return out
+
+
+def _best_neighbours_dense(t, codes, cnt, xval, waux, scale, level_values):
+    width = int(cnt.max())
+    slot = np.arange(width)
+    pad = slot[None, :] >= cnt[:, None]
+    flat = t.nb_start[codes][:, None] + np.minimum(slot[None, :], (cnt - 1)[:, None])
+    cand = t.nb_flat[flat]  # (items, width); padding repeats the last neighbour
+    d2 = np.zeros(cand.shape, np.float32)
+    for i in range(xval.shape[1]):
+        if level_values is None:
+            q = t.pos_t[i].take(cand)
+        else:
+            q = np.take_along_axis(level_values, t.levels_t[i].take(cand), axis=1)
+        diff = scale[:, None] * q
+        diff -= xval[:, i : i + 1]
+        prod = waux[:, i : i + 1] * diff
+        prod *= diff
+        d2 += prod
+    d2[pad] = np.inf
+    best = np.argmin(d2, axis=1)  # first minimum, as ggml's strict `<` scan
+    rows = np.arange(len(codes))
+    if not np.all(d2[rows, best] < np.finfo(np.float32).max):
         # ggml starts from FLT_MAX and finds nothing: it then aborts (or, for IQ1, reads out of bounds)
-        raise ValueError("values too large for this quantization type (no grid neighbour fits)")
-    where_min = np.where(d2 == seg_min[seg], np.arange(total), total)
-    first = np.minimum.reduceat(where_min, seg_start)
-    return cand[first]
+        raise UnsupportedError("values too large for this quantization type: no grid neighbour fits")
+    return cand[rows, best]

@@ -8,7 +8,7 @@ Conventions that every function here follows (and that exactness depends on):
   we add the terms one element position at a time (`seq_sum`), never with numpy's pairwise `sum`.
 * Rounding: `nearest_int` is ggml's magic-number trick (round half to even, bit-exact for every float
   including out-of-range ones); `rint_f32` is the same rounding for |v| <= 4194303, used in the hot
-  search loops where the argument is bounded by construction.
+  search loops where the argument is bounded by construction (or checked, in make_qkx_quants_t).
 
 Layouts. The public search functions take `(n_blocks, n)` arrays (one block per row) and return the
 same. Internally everything runs "element-major", `(n, n_blocks)`: element position i of all
@@ -369,6 +369,7 @@ def make_qkx_quants_t(x, weights, nmax, rmin, rdelta, nstep, use_mad):
     rmin, rdelta = F32(rmin), F32(rdelta)
     mn = first_min(x)
     mx = first_max(x)
+    x_lo = mn  # smallest value, before ggml clamps the min to <= 0
     sum_w = seq_sum(w, start_with_first=True)
     sum_x = seq_sum(w * x, start_with_first=True)
     mn = np.where(mn > 0, zero, mn)
@@ -377,9 +378,15 @@ def make_qkx_quants_t(x, weights, nmax, rmin, rdelta, nstep, use_mad):
     t = np.empty_like(x)  # scratch
     wl = np.empty_like(x)
 
-    def levels(iscale, xm):
+    def levels(iscale, xm, m):
         np.multiply(xm, iscale, out=l)
-        np.rint(l, out=l)
+        # |iscale*(x - m)| is about nmax unless a search step moved the min far from the data;
+        # np.rint is nearest_int only below 2**22, so check the per-block bound (flat blocks: ignored)
+        reach = np.abs(iscale) * np.maximum(np.abs(x_lo - m), np.abs(mx - m))
+        if np.any(np.where(flat, zero, reach) > F32(4e6)):
+            l[...] = nearest_int(l)
+        else:
+            np.rint(l, out=l)
         _clip(l, zero, fnmax, out=l)
 
     def error(scale, m):
@@ -397,12 +404,12 @@ def make_qkx_quants_t(x, weights, nmax, rmin, rdelta, nstep, use_mad):
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         xm = x - mn
         best_iscale, best_mn = fnmax / (mx - mn), mn
-        levels(best_iscale, xm)
+        levels(best_iscale, xm, mn)
         scale = F32(1) / best_iscale
         best = error(scale, mn)
         for step in range(nstep + 1) if nstep >= 1 else ():
             iscale = ((rmin + rdelta * F32(step)) + fnmax) / (mx - mn)
-            levels(iscale, xm)
+            levels(iscale, xm, mn)
             np.multiply(w, l, out=wl)
             sum_l = seq_sum(wl)
             np.multiply(wl, l, out=t)
@@ -427,7 +434,7 @@ def make_qkx_quants_t(x, weights, nmax, rmin, rdelta, nstep, use_mad):
                 mn = np.where(better, this_min, mn)
                 np.subtract(x, mn, out=xm)
         np.subtract(x, best_mn, out=xm)
-        levels(best_iscale, xm)  # the winning step's levels, recomputed once
+        levels(best_iscale, xm, best_mn)  # the winning step's levels, recomputed once
     l[:, flat] = 0  # (NaN there: 0 * inf)
     L = l.astype(np.uint8)
     scale = np.where(flat, zero, scale).astype(F32)

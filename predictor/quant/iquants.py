@@ -1,19 +1,27 @@
-"""Non-linear and ternary quantizers (IQ4_NL, IQ4_XS, TQ1_0, TQ2_0, MXFP4 ...), byte-exact with ggml.
+"""ggml's non-linear, lattice and ternary quantizers in numpy, byte-exact with ggml_quantize_chunk.
 
-Everything is float32 and vectorised over blocks. Where ggml sums in a sequential float32 loop and the
-sum feeds a decision, we add the element axis one step at a time (never `np.sum`, which is pairwise).
-Arrays inside the searches are laid out element-major, `(block_size, n_blocks)`, so that such a loop
-works on contiguous `(n_blocks,)` vectors.
+Registered: IQ4_NL, IQ4_XS, TQ1_0, TQ2_0, MXFP4, IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M
+(IQ2_XXS, IQ2_XS and IQ1_S need an importance matrix, as in ggml). Own dequantizers for IQ4_NL/XS;
+the others dequantize through gguf.quants (see predictor.quant.dequantize).
+
+Exactness rules followed throughout: float32 only, one rounding per C operation (no fusing), C's
+evaluation order `(a*b)*c`, sequential float32 sums where a sum feeds a decision (`seq_sum`, never
+the pairwise `np.sum`), ggml's nearest_int and fp16 rounding, first-wins tie breaking of its scans.
+Everything is vectorised over blocks; Python loops run only over element positions, search steps
+and candidates. The searches lay arrays out element-major, `(block_size, n_blocks)`.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from predictor.errors import UsageError
 from predictor.quant._iq_grids import best_neighbours, grid_tables
+from predictor.quant._search import get_num_threads, seq_sum
+from predictor.quant._search import nearest_int as _nearest_int
 
 F32 = np.float32
 QK_K = 256
@@ -26,35 +34,18 @@ _CHUNK_ELEMENTS = 1 << 15
 
 
 def _seq_sum(a: np.ndarray) -> np.ndarray:
-    """Sum over axis 0 left to right in float32, as a C `for` loop does."""
-    s = a[0].copy()
-    for k in range(1, a.shape[0]):
-        s += a[k]
-    return s
-
-
-def _nearest_int(v: np.ndarray) -> np.ndarray:
-    """ggml's nearest_int: the float32 magic-number trick (round half to even for |v| < 2**22)."""
-    t = (np.asarray(v, dtype=F32) + F32(12582912)).view(np.int32)
-    return (t & 0x007FFFFF) - 0x00400000
+    """C's `s = 0; s += a[i]` over axis 0 (element-major arrays of any rank), float32, in order."""
+    return seq_sum(a.reshape(a.shape[0], -1)).reshape(a.shape[1:])
 
 
 def _seq_sum_last(a: np.ndarray) -> np.ndarray:
-    """Sum over the last axis left to right in float32."""
-    s = a[..., 0].copy()
-    for k in range(1, a.shape[-1]):
-        s += a[..., k]
-    return s
+    """The same over the last axis."""
+    return _seq_sum(np.moveaxis(a, -1, 0))
 
 
 def _fp16_bytes(d: np.ndarray) -> np.ndarray:
     """fp32 -> fp16 (round to nearest even, like GGML_FP32_TO_FP16) as (n, 2) little-endian bytes."""
     return np.ascontiguousarray(d, dtype=F32).astype("<f2").view(np.uint8).reshape(-1, 2)
-
-
-def _fp16_value(d: np.ndarray) -> np.ndarray:
-    """The float32 value ggml reads back from a stored fp16 scale."""
-    return np.asarray(d, dtype=F32).astype(np.float16).astype(F32)
 
 
 def _safe_recip(d: np.ndarray) -> np.ndarray:
@@ -65,24 +56,34 @@ def _safe_recip(d: np.ndarray) -> np.ndarray:
     return out
 
 
-def _blockwise(x, imatrix, super_block, block_bytes, fn):
+def _blockwise(x, imatrix, super_block, block_bytes, fn, chunk_elements=None):
     """Run fn(xb (n, super_block), qwb (n, super_block) | None) -> uint8 (n, block_bytes) in chunks.
 
     ggml quantizes rows independently and each super-block only sees its own importance slice, so the
-    whole matrix is a flat list of super-blocks; the imatrix slice of super-block g is g mod blocks/row."""
+    whole matrix is a flat list of super-blocks; the imatrix slice of super-block g is g mod blocks/row.
+    Chunks bound the temporaries and run on get_num_threads() threads (numpy releases the GIL)."""
     rows, cols = x.shape
     per_row = cols // super_block
     flat = x.reshape(-1, super_block)
     qw_blocks = None if imatrix is None else np.asarray(imatrix, dtype=F32).reshape(per_row, super_block)
     n = flat.shape[0]
     out = np.empty((n, block_bytes), np.uint8)
-    step = max(1, _CHUNK_ELEMENTS // super_block)
-    for start in range(0, n, step):
+    step = max(1, (chunk_elements or _CHUNK_ELEMENTS) // super_block)
+
+    def work(start):
         stop = min(n, start + step)
-        qwb = None
-        if qw_blocks is not None:
-            qwb = qw_blocks[np.arange(start, stop) % per_row]
+        qwb = None if qw_blocks is None else qw_blocks[np.arange(start, stop) % per_row]
         out[start:stop] = fn(flat[start:stop], qwb)
+
+    starts = range(0, n, step)
+    n_threads = min(get_num_threads(), len(starts))
+    if n_threads <= 1:
+        for start in starts:
+            work(start)
+    else:
+        with ThreadPoolExecutor(n_threads) as pool:
+            for f in [pool.submit(work, start) for start in starts]:
+                f.result()
     return out.reshape(rows, -1)
 
 
@@ -517,7 +518,8 @@ def _make_qp_quants(x, nmax, w):
 
 def _search_weights(xb, qwb, sigma_factor, fallback):
     """Per-element weights of the IQ2/IQ3 searches: qw*sqrt(sigma2 + x^2) with
-    sigma2 = sigma_factor * sum(x^2 over the 256 super-block) / 256 (sequential), else fallback(x2, sigma2)."""
+    sigma2 = sigma_factor * sum(x^2 over the 256 super-block) / 256 (sequential sum);
+    without an imatrix, fallback(x2, sigma2)."""
     x2 = xb * xb
     sumx2 = np.add.accumulate(x2, axis=1)[:, -1]
     if sigma_factor != 1:
@@ -759,7 +761,7 @@ def _iq1_levels(order, i1, i2):
     return ((ranks >= i1[:, None]).astype(np.uint8) + (ranks >= i2[:, None])).astype(np.uint8)
 
 
-def _iq1_grid_fit(X, W, L, scale, vals, groups_vals):
+def _iq1_grid_fit(X, W, L, scale, vals):
     """Snap each group of 8 levels to the IQ1 grid (neighbour search where off-grid) and refit the
     scale when any group moved. vals: (k, n_groups, 3) level values per group. Returns grid indices
     (k, n_groups) and the scale (k,)."""
@@ -825,7 +827,7 @@ def _iq1s_blocks(xb, qwb):
         sc = np.abs(sc)
         neg_shift ^= flip
         vals = np.where(neg_shift[:, None], _IQ1_XM[None, :], _IQ1_XP[None, :])
-        gi, sc = _iq1_grid_fit(Xa, Wa, L, sc, np.repeat(vals[:, None, :], 4, axis=1), None)
+        gi, sc = _iq1_grid_fit(Xa, Wa, L, sc, np.repeat(vals[:, None, :], 4, axis=1))
         gidx[act] = gi
         scales[act] = sc
         minus[act] = neg_shift
@@ -870,7 +872,8 @@ def _iq1m_blocks(xb, qwb):
         # The reference build (llama.cpp b10572) sums every candidate split directly, element by
         # element in sorted order, into four sums (signs of the two halves: ++, +-, -+, --).
         i1, i2 = _split_pairs(B)
-        level = (np.arange(B)[:, None] >= i1[None, :]).astype(np.intp) + (np.arange(B)[:, None] >= i2[None, :])
+        pos = np.arange(B)[:, None]
+        level = (pos >= i1[None, :]).astype(np.intp) + (pos >= i2[None, :])  # (B, n_pairs)
         t_x, t_2 = {}, {}
         for key, v in (("p", xp), ("m", xm)):
             wv = ws[:, :, None] * v[None, None, :]  # (k, B, 3)
@@ -900,7 +903,7 @@ def _iq1m_blocks(xb, qwb):
         sc = np.abs(sc)
         best_k = np.where(flip, 3 - best_k, best_k)
         vals = _iq1m_group_values(best_k)
-        gi, sc = _iq1_grid_fit(Xa, Wa, L, sc, vals, None)
+        gi, sc = _iq1_grid_fit(Xa, Wa, L, sc, vals)
         gidx[act] = gi
         scales[act] = sc
         shifts[act] = best_k
@@ -950,37 +953,32 @@ def _iq1m_group_values(best_k):
     return np.stack([first, second], axis=1)
 
 
-def quantize_iq1_m(x, imatrix):
-    return _blockwise(x, imatrix, QK_K, 56, _iq1m_blocks)
+# ----------------------------------------------------------------------------------- registration
 
 
-quantize_iq1_s = None  # set below (needs an imatrix)
-
-
-def _needs_imatrix(name, fn):
+def _lattice_quantizer(name, grid, block_bytes, blocks_fn, needs_imatrix):
     def quantize(x, imatrix):
-        if imatrix is None:
-            raise UsageError(f"{name} needs an importance matrix (ggml refuses to quantize it without one)")
-        return fn(x, imatrix)
+        if needs_imatrix and imatrix is None:
+            raise UsageError(
+                f"{name} needs an importance matrix (ggml refuses to quantize it without one); "
+                "pass imatrix=..."
+            )
+        grid_tables(grid)  # build the tables once, before the worker threads start
+        # these searches spend much of their time in Python per chunk: use larger chunks
+        return _blockwise(x, imatrix, QK_K, block_bytes, blocks_fn, chunk_elements=4 * _CHUNK_ELEMENTS)
 
+    quantize.__name__ = f"quantize_{name.lower()}"
+    quantize.__doc__ = f"{name}: ggml's quantize_{name.lower()} (byte-exact)."
     return quantize
 
 
-def quantize_iq3_xxs(x, imatrix):
-    return _blockwise(x, imatrix, QK_K, 98, _iq3xxs_blocks)
-
-
-def quantize_iq3_s(x, imatrix):
-    return _blockwise(x, imatrix, QK_K, 110, _iq3s_blocks)
-
-
-def quantize_iq2_s(x, imatrix):
-    return _blockwise(x, imatrix, QK_K, 82, _iq2s_blocks)
-
-
-quantize_iq2_xxs = _needs_imatrix("IQ2_XXS", lambda x, im: _blockwise(x, im, QK_K, 66, _iq2xxs_blocks))
-quantize_iq2_xs = _needs_imatrix("IQ2_XS", lambda x, im: _blockwise(x, im, QK_K, 74, _iq2xs_blocks))
-quantize_iq1_s = _needs_imatrix("IQ1_S", lambda x, im: _blockwise(x, im, QK_K, 50, _iq1s_blocks))
+quantize_iq3_xxs = _lattice_quantizer("IQ3_XXS", "IQ3_XXS", 98, _iq3xxs_blocks, False)
+quantize_iq3_s = _lattice_quantizer("IQ3_S", "IQ3_S", 110, _iq3s_blocks, False)
+quantize_iq2_xxs = _lattice_quantizer("IQ2_XXS", "IQ2_XXS", 66, _iq2xxs_blocks, True)
+quantize_iq2_xs = _lattice_quantizer("IQ2_XS", "IQ2_XS", 74, _iq2xs_blocks, True)
+quantize_iq2_s = _lattice_quantizer("IQ2_S", "IQ2_S", 82, _iq2s_blocks, False)
+quantize_iq1_s = _lattice_quantizer("IQ1_S", "IQ1", 50, _iq1s_blocks, True)
+quantize_iq1_m = _lattice_quantizer("IQ1_M", "IQ1", 56, _iq1m_blocks, False)
 
 
 QUANTIZERS: dict = {

@@ -21,7 +21,6 @@ from predictor.quant._search import (
     F32,
     GROUP_MAX_EPS,
     fp16_bits,
-    fp16_round,
     fp16_to_f32,
     for_row_chunks,
     make_q3_quants_t,
@@ -79,8 +78,9 @@ def _natural(L: np.ndarray, n: int) -> np.ndarray:
     return L.T.reshape(-1, QK_K)
 
 
-def _f16_bytes(v: np.ndarray) -> np.ndarray:
-    return fp16_bits(v).reshape(-1, 1).view(np.uint8)
+def _bytes(halves: np.ndarray) -> np.ndarray:
+    """uint16 fp16 bits (n,) -> their little-endian bytes (n, 2)."""
+    return halves.astype("<u2", copy=False).reshape(-1, 1).view(np.uint8)
 
 
 def _pack_2bit(L: np.ndarray) -> np.ndarray:
@@ -175,9 +175,7 @@ def _q6_k(x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
     ql[:, :, 1] = (Ln[:, :, 1] & 0xF) | ((Ln[:, :, 3] & 0xF) << 4)
     h = Ln >> 4
     qh = h[:, :, 0] | (h[:, :, 1] << 2) | (h[:, :, 2] << 4) | (h[:, :, 3] << 6)
-    out = np.concatenate(
-        [ql.reshape(nsb, 128), qh.reshape(nsb, 64), ls.view(np.uint8), d_bits.reshape(-1, 1).view(np.uint8)], axis=1
-    )
+    out = np.concatenate([ql.reshape(nsb, 128), qh.reshape(nsb, 64), ls.view(np.uint8), _bytes(d_bits)], axis=1)
     out[dead] = 0
     return out
 
@@ -190,8 +188,7 @@ def _dq_q6_k(b: np.ndarray) -> np.ndarray:
     low = np.concatenate([ql & 0xF, ql >> 4], axis=2)  # [half, k] with k = 0,1 low, 2,3 high nibbles
     high = (qh >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 3
     q = (low | (high << 4)).astype(np.int8) - np.int8(32)
-    scale = np.repeat(d * sc, 16, axis=1)
-    return scale * q.reshape(-1, QK_K).astype(F32)
+    return ((d * sc)[:, :, None] * q.reshape(-1, 16, 16).astype(F32)).reshape(-1, QK_K)
 
 
 # -------------------------------------------------------------------------------------- Q3_K
@@ -226,7 +223,7 @@ def _q3_k(x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
     high = L > 3
     hmask = np.packbits(high.reshape(nsb, 8, 32), axis=1, bitorder="little").reshape(nsb, 32)
     qs = _pack_2bit(np.where(high, L - 4, L).astype(np.uint8))
-    return np.concatenate([hmask, qs, packed, d_bits.reshape(-1, 1).view(np.uint8)], axis=1)
+    return np.concatenate([hmask, qs, packed, _bytes(d_bits)], axis=1)
 
 
 def _dq_q3_k(b: np.ndarray) -> np.ndarray:
@@ -235,8 +232,8 @@ def _dq_q3_k(b: np.ndarray) -> np.ndarray:
     sc = _unpack_q3_scales(b[:, 96:108]).astype(F32)
     d = fp16_to_f32(np.ascontiguousarray(b[:, 108:110]).view(np.uint16))
     hm = np.unpackbits(hmask.reshape(-1, 1, 32), axis=1, bitorder="little").reshape(-1, QK_K)
-    q = q - np.where(hm == 0, np.int8(4), np.int8(0))
-    return np.repeat(d * sc, 16, axis=1) * q.astype(F32)
+    q -= ((hm ^ 1) << 2).view(np.int8)  # a clear high bit means -4
+    return ((d * sc)[:, :, None] * q.reshape(-1, 16, 16).astype(F32)).reshape(-1, QK_K)
 
 
 # -------------------------------------------------------------------------------------- Q2_K
@@ -269,10 +266,7 @@ def _q2_k(x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
     d_sub = (fp16_to_f32(d_bits)[:, None] * (packed & 0xF).astype(F32)).reshape(-1)
     m_sub = (fp16_to_f32(dmin_bits)[:, None] * (packed >> 4).astype(F32)).reshape(-1)
     L = _natural(_requantize(xt, L, d_sub, m_sub, 0, 3, 0), 16)
-    return np.concatenate(
-        [packed, _pack_2bit(L), d_bits.reshape(-1, 1).view(np.uint8), dmin_bits.reshape(-1, 1).view(np.uint8)],
-        axis=1,
-    )
+    return np.concatenate([packed, _pack_2bit(L), _bytes(d_bits), _bytes(dmin_bits)], axis=1)
 
 
 def _dq_q2_k(b: np.ndarray) -> np.ndarray:
@@ -280,9 +274,9 @@ def _dq_q2_k(b: np.ndarray) -> np.ndarray:
     q = _unpack_2bit(b[:, 16:80]).astype(F32)
     d = fp16_to_f32(np.ascontiguousarray(b[:, 80:82]).view(np.uint16))
     dmin = fp16_to_f32(np.ascontiguousarray(b[:, 82:84]).view(np.uint16))
-    dl = np.repeat(d * (sc & 0xF).astype(F32), 16, axis=1)
-    ml = np.repeat(dmin * (sc >> 4).astype(F32), 16, axis=1)
-    return dl * q - ml
+    dl = (d * (sc & 0xF).astype(F32))[:, :, None]
+    ml = (dmin * (sc >> 4).astype(F32))[:, :, None]
+    return (dl * q.reshape(-1, 16, 16) - ml).reshape(-1, QK_K)
 
 
 # ------------------------------------------------------------------------------- Q4_K / Q5_K
@@ -328,7 +322,7 @@ def _q4_k(x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
     L, packed, d_bits, dmin_bits = _scale_min_search(x, imatrix, 15, (-1.0, 0.1, 20))
     r = L.reshape(-1, 4, 2, 32)
     qs = (r[:, :, 0] | (r[:, :, 1] << 4)).reshape(-1, 128)
-    head = np.stack([d_bits, dmin_bits], axis=1).view(np.uint8)
+    head = np.stack([d_bits, dmin_bits], axis=1).astype("<u2", copy=False).view(np.uint8)
     return np.concatenate([head, packed, qs], axis=1)
 
 
@@ -338,7 +332,7 @@ def _q5_k(x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
     qs = ((r[:, :, 0] & 0xF) | ((r[:, :, 1] & 0xF) << 4)).reshape(-1, 128)
     # qh[l] bit 2p + half = bit 4 of L[64 p + 32 half + l]
     qh = np.packbits((r >> 4).reshape(-1, 8, 32), axis=1, bitorder="little").reshape(-1, 32)
-    head = np.stack([d_bits, dmin_bits], axis=1).view(np.uint8)
+    head = np.stack([d_bits, dmin_bits], axis=1).astype("<u2", copy=False).view(np.uint8)
     return np.concatenate([head, packed, qh, qs], axis=1)
 
 
@@ -346,14 +340,14 @@ def _dq_scale_min(b):
     d = fp16_to_f32(np.ascontiguousarray(b[:, 0:2]).view(np.uint16))
     dmin = fp16_to_f32(np.ascontiguousarray(b[:, 2:4]).view(np.uint16))
     sc, m = _unpack_scale_min_k4(b[:, 4:16])
-    return np.repeat(d * sc.astype(F32), 32, axis=1), np.repeat(dmin * m.astype(F32), 32, axis=1)
+    return (d * sc.astype(F32))[:, :, None], (dmin * m.astype(F32))[:, :, None]
 
 
 def _dq_q4_k(b: np.ndarray) -> np.ndarray:
     d1, m1 = _dq_scale_min(b)
     qs = b[:, 16:144].reshape(-1, 4, 1, 32)
-    q = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(-1, QK_K)
-    return d1 * q.astype(F32) - m1
+    q = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(-1, 8, 32)
+    return (d1 * q.astype(F32) - m1).reshape(-1, QK_K)
 
 
 def _dq_q5_k(b: np.ndarray) -> np.ndarray:
@@ -361,7 +355,7 @@ def _dq_q5_k(b: np.ndarray) -> np.ndarray:
     qh = np.unpackbits(b[:, 16:48].reshape(-1, 1, 32), axis=1, bitorder="little").reshape(-1, QK_K)
     qs = b[:, 48:176].reshape(-1, 4, 1, 32)
     q = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(-1, QK_K) + (qh << 4)
-    return d1 * q.astype(F32) - m1
+    return (d1 * q.reshape(-1, 8, 32).astype(F32) - m1).reshape(-1, QK_K)
 
 
 # ------------------------------------------------------------------------------ registration
@@ -384,7 +378,14 @@ def _quantizer(fn, block_bytes):
 
 def _dequantizer(fn, block_bytes):
     def dequantize(q: np.ndarray, cols: int) -> np.ndarray:
-        return fn(q.reshape(-1, block_bytes)).reshape(q.shape[0], cols)
+        rows = q.shape[0]
+        out = np.empty((rows, cols), F32)
+
+        def work(r0: int, r1: int) -> None:
+            out[r0:r1] = fn(q[r0:r1].reshape(-1, block_bytes)).reshape(r1 - r0, cols)
+
+        for_row_chunks(rows, cols, CHUNK_ELEMENTS, work)
+        return out
 
     return dequantize
 

@@ -39,8 +39,15 @@ _HALF_DOWN = np.nextafter(F32(0.5), F32(0))  # roundf(v) == trunc(v + copysign(0
 
 
 def _pack_nibbles(q: np.ndarray) -> np.ndarray:
-    """q (nb, 32) uint8 -> (nb, 16): low nibble element j, high nibble element j+16."""
-    return (q[:, :16] & 0x0F) | (q[:, 16:] << 4)
+    """q (nb, 32) uint8 < 16 -> (nb, 16): low nibble element j, high nibble element j+16."""
+    return q[:, :16] | (q[:, 16:] << 4)
+
+
+def _truncate_capped(v: np.ndarray, top: int) -> np.ndarray:
+    """ggml `MIN(top, (int8_t)v)` for v in [0, top + 2): the cast truncates, `top + 1` drops to top."""
+    q = v.astype(np.uint8)
+    q -= q >> top.bit_length()  # only top + 1 has that bit (top is 15 or 31)
+    return q
 
 
 def _pack_qh(q: np.ndarray) -> np.ndarray:
@@ -49,7 +56,8 @@ def _pack_qh(q: np.ndarray) -> np.ndarray:
 
 
 def _f16_bytes(v: np.ndarray) -> np.ndarray:
-    return fp16_bits(v).reshape(-1, 1).view(np.uint8)
+    """float32 (n,) -> fp16 as little-endian bytes (n, 2)."""
+    return fp16_bits(v).astype("<u2", copy=False).reshape(-1, 1).view(np.uint8)
 
 
 # ------------------------------------------------------------------------- no-imatrix (_ref)
@@ -105,16 +113,18 @@ def _q8_0_ref(xb: np.ndarray) -> np.ndarray:
 
 def _q4_0_ref(xb: np.ndarray) -> np.ndarray:
     d = _signed_absmax_rows(xb) / F32(-8)
-    q = ((xb * _inverse(d)[:, None]) + F32(8.5)).astype(np.uint8)  # >= 0: the cast truncates
-    np.minimum(q, 15, out=q)
+    v = xb * _inverse(d)[:, None]  # within [-8, 8] up to rounding, so v + 8.5 is in (0, 17)
+    v += F32(8.5)
+    q = _truncate_capped(v, 15)
     return np.concatenate([_f16_bytes(d), _pack_nibbles(q)], axis=1)
 
 
 def _q5_0_ref(xb: np.ndarray) -> np.ndarray:
     d = _signed_absmax_rows(xb) / F32(-16)
-    q = ((xb * _inverse(d)[:, None]) + F32(16.5)).astype(np.uint8)
-    np.minimum(q, 31, out=q)
-    return np.concatenate([_f16_bytes(d), _pack_qh(q), _pack_nibbles(q)], axis=1)
+    v = xb * _inverse(d)[:, None]
+    v += F32(16.5)
+    q = _truncate_capped(v, 31)
+    return np.concatenate([_f16_bytes(d), _pack_qh(q), _pack_nibbles(q & 0x0F)], axis=1)
 
 
 def _min_max_rows(xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -134,16 +144,19 @@ def _min_max_rows(xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _q4_1_ref(xb: np.ndarray) -> np.ndarray:
     mn, mx = _min_max_rows(xb)
     d = (mx - mn) / F32(15)
-    q = (((xb - mn[:, None]) * _inverse(d)[:, None]) + F32(0.5)).astype(np.uint8)
-    np.minimum(q, 15, out=q)
+    v = (xb - mn[:, None]) * _inverse(d)[:, None]  # within [0, 15] up to rounding
+    v += F32(0.5)
+    q = _truncate_capped(v, 15)
     return np.concatenate([_f16_bytes(d), _f16_bytes(mn), _pack_nibbles(q)], axis=1)
 
 
 def _q5_1_ref(xb: np.ndarray) -> np.ndarray:
     mn, mx = _min_max_rows(xb)
     d = (mx - mn) / F32(31)
-    q = (((xb - mn[:, None]) * _inverse(d)[:, None]) + F32(0.5)).astype(np.uint8)
-    return np.concatenate([_f16_bytes(d), _f16_bytes(mn), _pack_qh(q), _pack_nibbles(q)], axis=1)
+    v = (xb - mn[:, None]) * _inverse(d)[:, None]
+    v += F32(0.5)
+    q = v.astype(np.uint8)  # ggml has no MIN here: (x - min)/d <= 31 up to rounding
+    return np.concatenate([_f16_bytes(d), _f16_bytes(mn), _pack_qh(q), _pack_nibbles(q & 0x0F)], axis=1)
 
 
 # ---------------------------------------------------------------------------- imatrix paths
@@ -170,7 +183,7 @@ def _q5_0_imat(x, imatrix):
     xt, w = _weights_t(x, imatrix)
     d, L = make_qx_quants_t(xt, 16, w)
     q = np.ascontiguousarray(L.T)
-    return np.concatenate([_f16_bytes(d), _pack_qh(q), _pack_nibbles(q)], axis=1)
+    return np.concatenate([_f16_bytes(d), _pack_qh(q), _pack_nibbles(q & 0x0F)], axis=1)
 
 
 def _q4_1_imat(x, imatrix):
@@ -183,7 +196,7 @@ def _q5_1_imat(x, imatrix):
     xt, w = _weights_t(x, imatrix)
     d, the_min, L = make_qkx_quants_t(xt, w, 31, -0.9, 0.05, 36, False)
     q = np.ascontiguousarray(L.T)
-    return np.concatenate([_f16_bytes(d), _f16_bytes(-the_min), _pack_qh(q), _pack_nibbles(q)], axis=1)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(-the_min), _pack_qh(q), _pack_nibbles(q & 0x0F)], axis=1)
 
 
 # ------------------------------------------------------------------------------ registration
@@ -223,40 +236,49 @@ def _unpack_qh(qh: np.ndarray) -> np.ndarray:
     return np.unpackbits(qh, axis=1, bitorder="little") << 4
 
 
-def _dq_q8_0(q, cols):
-    b = q.reshape(-1, 34)
+def _dq_q8_0(b: np.ndarray) -> np.ndarray:
     d = fp16_to_f32(np.ascontiguousarray(b[:, :2]).view(np.uint16))
-    return (b[:, 2:].view(np.int8).astype(F32) * d).reshape(q.shape[0], cols)
+    return b[:, 2:].view(np.int8).astype(F32) * d
 
 
-def _dq_q4_0(q, cols):
-    b = q.reshape(-1, 18)
+def _dq_q4_0(b: np.ndarray) -> np.ndarray:
     d = fp16_to_f32(np.ascontiguousarray(b[:, :2]).view(np.uint16))
     v = _unpack_nibbles(b[:, 2:]).astype(np.int8) - np.int8(8)
-    return (v.astype(F32) * d).reshape(q.shape[0], cols)
+    return v.astype(F32) * d
 
 
-def _dq_q4_1(q, cols):
-    b = q.reshape(-1, 20)
+def _dq_q4_1(b: np.ndarray) -> np.ndarray:
     d = fp16_to_f32(np.ascontiguousarray(b[:, :2]).view(np.uint16))
     m = fp16_to_f32(np.ascontiguousarray(b[:, 2:4]).view(np.uint16))
     v = _unpack_nibbles(b[:, 4:]).astype(F32)
-    return (v * d + m).reshape(q.shape[0], cols)
+    return v * d + m
 
 
-def _dq_q5_0(q, cols):
-    b = q.reshape(-1, 22)
+def _dq_q5_0(b: np.ndarray) -> np.ndarray:
     d = fp16_to_f32(np.ascontiguousarray(b[:, :2]).view(np.uint16))
     v = (_unpack_nibbles(b[:, 6:]) | _unpack_qh(b[:, 2:6])).astype(np.int8) - np.int8(16)
-    return (v.astype(F32) * d).reshape(q.shape[0], cols)
+    return v.astype(F32) * d
 
 
-def _dq_q5_1(q, cols):
-    b = q.reshape(-1, 24)
+def _dq_q5_1(b: np.ndarray) -> np.ndarray:
     d = fp16_to_f32(np.ascontiguousarray(b[:, :2]).view(np.uint16))
     m = fp16_to_f32(np.ascontiguousarray(b[:, 2:4]).view(np.uint16))
     v = (_unpack_nibbles(b[:, 8:]) | _unpack_qh(b[:, 4:8])).astype(F32)
-    return (v * d + m).reshape(q.shape[0], cols)
+    return v * d + m
+
+
+def _dequantizer(fn, block_bytes):
+    def dequantize(q: np.ndarray, cols: int) -> np.ndarray:
+        rows = q.shape[0]
+        out = np.empty((rows, cols), F32)
+
+        def work(r0: int, r1: int) -> None:
+            out[r0:r1] = fn(q[r0:r1].reshape(-1, block_bytes)).reshape(r1 - r0, cols)
+
+        for_row_chunks(rows, cols, CHUNK_ELEMENTS_SIMPLE, work)
+        return out
+
+    return dequantize
 
 
 QUANTIZERS = {
@@ -267,9 +289,9 @@ QUANTIZERS = {
     "Q8_0": _quantizer(_q8_0_ref, None, 34),
 }
 DEQUANTIZERS = {
-    "Q4_0": _dq_q4_0,
-    "Q4_1": _dq_q4_1,
-    "Q5_0": _dq_q5_0,
-    "Q5_1": _dq_q5_1,
-    "Q8_0": _dq_q8_0,
+    "Q4_0": _dequantizer(_dq_q4_0, 18),
+    "Q4_1": _dequantizer(_dq_q4_1, 20),
+    "Q5_0": _dequantizer(_dq_q5_0, 22),
+    "Q5_1": _dequantizer(_dq_q5_1, 24),
+    "Q8_0": _dequantizer(_dq_q8_0, 34),
 }
