@@ -28,7 +28,8 @@ from predictor.measure.tasks import SUITES
 @click.option("--work-dir", type=click.Path(file_okay=False), help="Folder for big files (default OUT/work).")
 @click.option("--model-id", help="Canonical model id written on every row (default: the GGUF's general.name).")
 @click.option("--base-note", default="", help="Where the base weights came from, recorded on every row.")
-@click.option("--threads", default=2, show_default=True, help="CPU threads for llama.cpp.")
+@click.option("--threads", default=1, show_default=True,
+              help="CPU threads for llama.cpp (more than the free cores makes it much slower, not faster).")
 @click.option("--keep-gguf", is_flag=True, help="Keep the quantized GGUF files in the work folder.")
 def command(base, presets, imatrix, imatrix_only, suite, ablate, ablation_type, no_presets, out_dir, work_dir,
             model_id, base_note, threads, keep_gguf):

@@ -160,7 +160,7 @@ def test_measure_end_to_end_and_resume(tmp_path, tiny_model):
                         model_id="test/tiny", threads=1)
     logs = []
     first = measure(cfg, log=logs.append)
-    assert first["done"] == ["Q8_0", "Q8_0-imatrix", "Q2_K", "Q2_K-imatrix", "ablate-attn_v-Q2_K"]
+    assert first["done"] == ["Q8_0", "Q2_K", "ablate-attn_v-Q2_K", "Q8_0-imatrix", "Q2_K-imatrix"]
     dist = validate_frame(pl.read_csv(out / "distortion.csv", infer_schema=False), "distortion")
     meas = validate_frame(pl.read_csv(out / "measurements.csv", infer_schema=False), "measurements")
     kld = {(r["quant"], r["imatrix"], r["dataset"]): r["value"]
@@ -237,3 +237,17 @@ def test_non_gguf_base_is_refused(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(InputFileError, match="convert it first"):
         open_base_gguf(tmp_path / "model.safetensors")
+
+
+def test_choices_in_one_batch_match_one_at_a_time(tiny_model):
+    from predictor.measure.engine import Engine
+
+    with Engine(tiny_model, n_ctx=256, n_threads=1) as a, Engine(tiny_model, n_ctx=256, n_threads=1) as b:
+        prefix = a.prefix_tokens("Question: Which is the largest?\\nAnswer:")
+        choices = [a.tokenize(" the sun"), a.tokenize(" a"), a.tokenize(" the moon and stars")]
+        together = a.score_choices(prefix, choices)
+        again = a.score_choices(prefix, choices)  # prefix now cached
+        for c, x, y in zip(choices, together, again):
+            alone = b.score(prefix, c)
+            assert x.shape == (len(c), a.n_vocab)
+            assert np.allclose(x, alone, atol=1e-3) and np.allclose(x, y, atol=1e-3)

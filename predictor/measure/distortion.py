@@ -64,7 +64,7 @@ class DistortionAccumulator:
 
 def summarize_tokens(a: dict[str, np.ndarray]) -> dict[str, float]:
     """Summary statistics (the distortion table's metrics) of per-token arrays."""
-    kld = np.asarray(a["kld"], dtype=np.float64)
+    kld = np.asarray(a.get("kld", ()), dtype=np.float64)
     n = int(kld.size)
     if n == 0:
         return {"n_tokens": 0}

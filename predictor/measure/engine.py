@@ -56,6 +56,8 @@ class Engine:
     (row j predicts continuation[j]); the KV cache keeps the last evaluated tokens, and a new call
     re-evaluates only from the first token that differs (at least one token, to get its logits)."""
 
+    MAX_SEQ = 8  # parallel sequences for multiple-choice endings
+
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = 1024, n_threads: int = 2, n_batch: int = 512):
         L = load_llama_cpp()
         _silence(L)
@@ -74,7 +76,8 @@ class Engine:
         cp.n_ctx = n_ctx
         cp.n_batch = n_batch
         cp.n_ubatch = n_batch
-        cp.n_seq_max = 1
+        cp.n_seq_max = self.MAX_SEQ
+        cp.kv_unified = True  # choices of one question share the prefix's cells
         cp.n_threads = n_threads
         cp.n_threads_batch = n_threads
         self._ctx = L.llama_init_from_model(self._model, cp)
@@ -137,6 +140,22 @@ class Engine:
             return np.empty((0, self.n_vocab), dtype=np.float32)
         return np.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
 
+    def _eval_prefix(self, prefix: Sequence[int]) -> np.ndarray:
+        """Put `prefix` in the cache (sequence 0), reusing what is there; logits of its last token (1, V)."""
+        common = 0
+        limit = min(len(self._cached), len(prefix) - 1)
+        while common < limit and self._cached[common] == prefix[common]:
+            common += 1
+        mem = self._L.llama_get_memory(self._ctx)
+        if common == 0:
+            self._L.llama_memory_clear(mem, True)
+        else:
+            self._L.llama_memory_seq_rm(mem, 0, common, -1)
+        todo = list(prefix[common:])
+        out = self._decode(todo, common, [i == len(todo) - 1 for i in range(len(todo))])
+        self._cached = list(prefix)
+        return out
+
     def score(self, prefix: Sequence[int], continuation: Sequence[int]) -> np.ndarray:
         """float32 (len(continuation), n_vocab): row j = logits after prefix + continuation[:j]."""
         seq = list(prefix) + list(continuation)
@@ -160,6 +179,44 @@ class Engine:
         out = self._decode(todo, common, flags)
         self._cached = seq[:-1]
         return out
+
+    def score_choices(self, prefix: Sequence[int], choices: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """`score(prefix, c)` for every choice c, with the choices evaluated together in one batch
+        (one sequence each, sharing the prefix's KV cells), so a question costs two model calls."""
+        total = len(prefix) + sum(len(c) for c in choices)
+        if (len(choices) > self.MAX_SEQ or total > self.n_ctx or sum(len(c) for c in choices) > self.n_batch
+                or not prefix or not all(choices)):
+            return [self.score(prefix, c) for c in choices]
+        L = self._L
+        mem = L.llama_get_memory(self._ctx)
+        last = self._eval_prefix(prefix)
+        for s in range(1, len(choices)):
+            L.llama_memory_seq_cp(mem, 0, s, -1, -1)
+        b = self._batch
+        n, spans = 0, []
+        for s, c in enumerate(choices):
+            spans.append((n, len(c) - 1))
+            for j, tok in enumerate(c[:-1]):
+                b.token[n] = tok
+                b.pos[n] = len(prefix) + j
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = s
+                b.logits[n] = 1
+                n += 1
+        rows = np.empty((0, self.n_vocab), dtype=np.float32)
+        if n:
+            b.n_tokens = n
+            rc = L.llama_decode(self._ctx, b)
+            if rc != 0:
+                self._cached = []
+                raise UsageError(f"{self.path}: llama_decode failed with code {rc}")
+            self.n_evaluated += n
+            rows = np.ctypeslib.as_array(L.llama_get_logits(self._ctx), shape=(n, self.n_vocab)).copy()
+        for s in range(1, len(choices)):
+            L.llama_memory_seq_rm(mem, s, -1, -1)
+        L.llama_memory_seq_rm(mem, 0, len(prefix), -1)
+        self._cached = list(prefix)
+        return [np.concatenate([last, rows[o:o + k]], axis=0) for o, k in spans]
 
     def close(self) -> None:
         L = self._L

@@ -26,8 +26,7 @@ def _mc_scores(engine, items: list[dict]) -> dict[str, list]:
     pred, pred_norm = [], []
     for it in items:
         ll = []
-        for c in it["choices"]:
-            rows = engine.score(it["prefix"], c)
+        for c, rows in zip(it["choices"], engine.score_choices(it["prefix"], it["choices"])):
             lp = log_softmax(rows)
             ll.append(float(lp[np.arange(len(c)), c].astype(np.float64).sum()))
         ll_arr = np.array(ll)

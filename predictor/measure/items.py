@@ -159,7 +159,9 @@ def _code(n: int, rng) -> list[dict]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.glob("*.py") if not p.name.startswith("test") and p.stat().st_size > 8000)
     out = []
-    for j, i in enumerate(_pick(rng, len(files), n)):
+    # generated, machine-specific modules (build paths and flags) are not representative code
+    order = [int(i) for i in rng.permutation(len(files)) if not files[i].name.startswith("_sysconfigdata")][:n]
+    for j, i in enumerate(order):
         text = files[i].read_text(encoding="utf-8", errors="replace")
         got = _passages(text, 1, 3000, rng, f"python{sysconfig.get_python_version()}/Lib/{files[i].name}")
         out += [dict(g, id=f"code-{j}") for g in got]

@@ -65,7 +65,7 @@ class MeasureConfig:
     work_dir: str | None = None
     model_id: str | None = None
     base_note: str = ""  # where the base weights came from (recorded on every row)
-    threads: int = 2
+    threads: int = 1
     keep_gguf: bool = False
     items_dir: str | None = None
 
@@ -99,18 +99,18 @@ def ablation_groups(base) -> dict[str, list[str]]:
 
 
 def plan_runs(cfg: MeasureConfig, groups: dict[str, list[str]]) -> list[Run]:
+    """Presets without the imatrix first, then the ablations, then presets with the imatrix."""
+    names = [get_preset(p).name for p in cfg.presets]
     runs = []
-    for p in cfg.presets:
-        name = get_preset(p).name
-        if cfg.imatrix is None or cfg.without_imatrix:
-            runs.append(Run(name, name, False))
-        if cfg.imatrix is not None:
-            runs.append(Run(f"{name}-imatrix", name, True))
+    if cfg.imatrix is None or cfg.without_imatrix:
+        runs += [Run(name, name, False) for name in names]
     wanted = list(groups) if cfg.ablate == ["all"] else cfg.ablate
     for g in wanted:
         if g not in groups:
             raise UsageError(f"unknown ablation group {g!r}; this model has: {', '.join(groups)} (or 'all')")
         runs.append(Run(f"ablate-{g}-{cfg.ablation_type}", None, False, g))
+    if cfg.imatrix is not None:
+        runs += [Run(f"{name}-imatrix", name, True) for name in names]
     return runs
 
 

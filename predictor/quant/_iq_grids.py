@@ -122,8 +122,12 @@ def best_neighbours(t: GridTables, codes, xval, waux, scale, level_values=None) 
     # Lists differ in length (1 to a few hundred): group the items by length class and pad each
     # class to its longest list, so every step below is a dense (items, width) array operation.
     width_class = np.ceil(np.log2(cnt)).astype(np.int64)
-    for c in np.unique(width_class):
-        sel = np.flatnonzero(width_class == c)
+    order = np.argsort(width_class, kind="stable")
+    bounds = np.searchsorted(width_class[order], np.arange(width_class.max() + 2))
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if a == b:
+            continue
+        sel = order[a:b]
         lv = None if level_values is None else level_values[sel]
         out[sel] = _best_neighbours_dense(t, codes[sel], cnt[sel], xval[sel], waux[sel], scale[sel], lv)
     return out

@@ -869,28 +869,29 @@ def _iq1m_blocks(xb, qwb):
         ws = np.take_along_axis(Wa, order, axis=1)
         xs = np.take_along_axis(Xa, order, axis=1)
         half = order >= B // 2  # sorted element j comes from the second half of the sub-block
-        # The reference build (llama.cpp b10572) sums every candidate split directly, element by
-        # element in sorted order, into four sums (signs of the two halves: ++, +-, -+, --).
+        # The reference build (llama.cpp b10572) sums every candidate split (i1, i2) directly, element
+        # by element in sorted order, into four sums (signs of the two halves: ++, +-, -+, --). After j
+        # elements the running sum of split (i1, i2) only depends on (min(i1, j), min(i2, j)), so we
+        # carry one partial sum per such state: S[a, b] (a <= b <= j), extended one element at a time.
         i1, i2 = _split_pairs(B)
-        pos = np.arange(B)[:, None]
-        level = (pos >= i1[None, :]).astype(np.intp) + (pos >= i2[None, :])  # (B, n_pairs)
         t_x, t_2 = {}, {}
         for key, v in (("p", xp), ("m", xm)):
-            wv = ws[:, :, None] * v[None, None, :]  # (k, B, 3)
-            t_x[key] = wv * xs[:, :, None]
-            t_2[key] = wv * v[None, None, :]
+            wv = ws.T[:, None, :] * v[None, :, None]  # (B, 3 levels, k)
+            t_x[key] = wv * xs.T[:, None, :]
+            t_2[key] = wv * v[None, :, None]
         sqx = np.empty((len(i1), 4, k), F32)
         sq2 = np.empty((len(i1), 4, k), F32)
+        second_half = half.T[:, None, :]
         for kk, (first, second) in enumerate((("p", "p"), ("p", "m"), ("m", "p"), ("m", "m"))):
-            hx = np.where(half[:, :, None], t_x[second], t_x[first])
-            h2 = np.where(half[:, :, None], t_2[second], t_2[first])
-            ax = np.zeros((k, len(i1)), F32)
-            a2 = np.zeros((k, len(i1)), F32)
-            for j in range(B):
-                ax += hx[:, j, :][:, level[j]]
-                a2 += h2[:, j, :][:, level[j]]
-            sqx[:, kk, :] = ax.T
-            sq2[:, kk, :] = a2.T
+            for out_sums, t in ((sqx, t_x), (sq2, t_2)):
+                term = np.where(second_half, t[second], t[first])  # (B, 3, k)
+                S = np.zeros((B + 1, B + 1, k), F32)
+                for j in range(B):
+                    # element j is level 0 for i1 > j, level 1 for i1 <= j < i2, level 2 for i2 <= j
+                    S[: j + 1, j + 1] = S[: j + 1, j] + term[j, 1]
+                    S[j + 1, j + 1] = S[j, j] + term[j, 0]
+                    S[: j + 1, : j + 1] += term[j, 2]
+                out_sums[:, kk, :] = S[i1, i2]
         choice, sc = _scan_best(sqx.reshape(-1, k), sq2.reshape(-1, k))
         ok = choice >= 0
         act, order, choice, sc = act[ok], order[ok], choice[ok], sc[ok]
