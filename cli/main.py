@@ -38,9 +38,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from cli import ingest_cmd, inspect_cmd, measure_cmd
+    from cli import family_cmd, ingest_cmd, inspect_cmd, measure_cmd
 
-    for mod in (inspect_cmd, ingest_cmd, measure_cmd):
+    for mod in (inspect_cmd, ingest_cmd, measure_cmd, family_cmd):
         cli.add_command(mod.command)
 
 

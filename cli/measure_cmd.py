@@ -17,6 +17,10 @@ from predictor.measure.tasks import SUITES
 @click.option("--imatrix", type=click.Path(exists=True, dir_okay=False),
               help="llama.cpp imatrix; each preset is then measured with it and without it.")
 @click.option("--imatrix-only", is_flag=True, help="With --imatrix: skip the runs without it.")
+@click.option("--make-imatrix", is_flag=True,
+              help="Without --imatrix: compute one with our own forward pass (llama/gemma3) and measure with it too.")
+@click.option("--imatrix-text", type=click.Path(exists=True, dir_okay=False),
+              help="Calibration text for --make-imatrix (default: held-out passages of the eval items).")
 @click.option("--suite", type=click.Choice(list(SUITES)), default="standard", show_default=True,
               help="How many evaluation items each run uses.")
 @click.option("--ablate", "ablate", multiple=True,
@@ -31,7 +35,7 @@ from predictor.measure.tasks import SUITES
 @click.option("--threads", default=1, show_default=True,
               help="CPU threads for llama.cpp (more than the free cores makes it much slower, not faster).")
 @click.option("--keep-gguf", is_flag=True, help="Keep the quantized GGUF files in the work folder.")
-def command(base, presets, imatrix, imatrix_only, suite, ablate, ablation_type, no_presets, out_dir, work_dir,
+def command(base, presets, imatrix, imatrix_only, make_imatrix, imatrix_text, suite, ablate, ablation_type, no_presets, out_dir, work_dir,
             model_id, base_note, threads, keep_gguf):
     """Measure KLD, top-1 agreement, PPL and task accuracy of BASE quantized with each preset.
 
@@ -49,7 +53,7 @@ def command(base, presets, imatrix, imatrix_only, suite, ablate, ablation_type, 
         base=base, out_dir=out_dir, presets=[] if no_presets else (list(presets) or list(STANDARD_PRESETS)),
         imatrix=imatrix, without_imatrix=not imatrix_only, suite=suite, ablate=list(ablate),
         ablation_type=ablation_type, work_dir=work_dir, model_id=model_id, base_note=base_note, threads=threads,
-        keep_gguf=keep_gguf,
+        keep_gguf=keep_gguf, make_imatrix=make_imatrix, imatrix_text=imatrix_text,
     )
     summary = measure(cfg)
     click.echo(json.dumps(summary, indent=1))

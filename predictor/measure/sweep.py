@@ -25,10 +25,10 @@ from typing import Callable
 import polars as pl
 
 from predictor.data.rows import flag_near_chance, relative_drop, row_id
-from predictor.errors import InputFileError, UsageError
+from predictor.errors import UsageError
 from predictor.measure.engine import Engine, engine_version, load_llama_cpp
 from predictor.measure.evaluate import evaluate_base, evaluate_quant
-from predictor.measure.tasks import DATASET_NAMES, TASK_NAMES, Suite, distortion_only, get_suite
+from predictor.measure.tasks import DATASET_NAMES, TASK_NAMES, distortion_only, get_suite
 from predictor.measure.writer import open_base_gguf, plan_tensor_types, sha256_file, write_f32_base, write_gguf
 from predictor.quant.recipes import STANDARD_PRESETS, get_preset, is_quantizable, layer_of, shape_fallback, tensor_role
 from predictor.quant.types import get_type
@@ -68,6 +68,8 @@ class MeasureConfig:
     threads: int = 1
     keep_gguf: bool = False
     items_dir: str | None = None
+    make_imatrix: bool = False  # no --imatrix: compute our own (predictor.measure.imatrix) and use it
+    imatrix_text: str | None = None  # calibration text for make_imatrix (default: held-out eval passages)
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,14 @@ class Run:
     preset: str | None  # None for an ablation
     imatrix: bool
     group: str | None = None  # ablation group
+
+
+def _read_checked_imatrix(path: str, model):
+    from predictor.io.imatrix import read_imatrix
+
+    imat = read_imatrix(path)
+    imat.check_against(model.tensors)
+    return imat
 
 
 def _slug(s: str) -> str:
@@ -134,8 +144,18 @@ def _log(msg: str) -> None:
 # -- tables ---------------------------------------------------------------------------------------
 
 def _upsert(path: Path, rows: list[dict], columns: list[str]) -> None:
+    """Replace rows with the same key (first column) and append the rest; atomic, and locked so that
+    two sweeps writing into the same folder do not lose each other's rows."""
     if not rows:
         return
+    import fcntl
+
+    with open(path.parent / ".measure.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _upsert_locked(path, rows, columns)
+
+
+def _upsert_locked(path: Path, rows: list[dict], columns: list[str]) -> None:
     schema = {c: pl.String for c in columns}
     new = pl.DataFrame([{c: (None if r.get(c) is None else _fmt(r.get(c))) for c in columns} for r in rows],
                        schema=schema)
@@ -247,12 +267,8 @@ def measure(cfg: MeasureConfig, *, log: Callable[[str], None] = _log) -> dict:
     abl_type = get_type(cfg.ablation_type).name
     out = Path(cfg.out_dir)
     src = open_base_gguf(cfg.base)
-    imat = None
     if cfg.imatrix is not None:
-        from predictor.io.imatrix import read_imatrix
-
-        imat = read_imatrix(cfg.imatrix)
-        imat.check_against(src.tensors)
+        _read_checked_imatrix(cfg.imatrix, src)  # fail before any work
     model_name = str(src.kv.get("general.name") or Path(cfg.base).stem)
     model_id = cfg.model_id or model_name
     slug = _slug(model_id)
@@ -276,9 +292,21 @@ def measure(cfg: MeasureConfig, *, log: Callable[[str], None] = _log) -> dict:
             write_f32_base(src, base_path)
     if cfg.base_note:
         origin = f"{origin}; {cfg.base_note}"
-    src.close()
+    if cfg.make_imatrix and cfg.imatrix is None:
+        cfg = replace(cfg, imatrix=os.fspath(out / "imatrix" / f"{slug}.imatrix.gguf"))
+        if not Path(cfg.imatrix).exists():
+            from predictor.measure.imatrix import make_imatrix
+
+            Path(cfg.imatrix).parent.mkdir(parents=True, exist_ok=True)
+            log(f"computing our own imatrix for {model_id} -> {cfg.imatrix}")
+            text = Path(cfg.imatrix_text).read_text(encoding="utf-8") if cfg.imatrix_text else None
+            dataset = Path(cfg.imatrix_text).name if cfg.imatrix_text else None
+            make_imatrix(base_path, cfg.imatrix, text=text, **({"dataset": dataset} if dataset else {}),
+                         progress=lambda k, n: log(f"  imatrix chunk {k + 1}/{n}"))
+    imat = _read_checked_imatrix(cfg.imatrix, src) if cfg.imatrix is not None else None
     base = open_base_gguf(base_path)
     base_sha = src_sha if base_path == Path(cfg.base) else sha256_file(base_path)
+    src.close()
     groups = ablation_groups(base)
     runs = plan_runs(cfg, groups)
     n_ctx = suite.n_ctx + 8
@@ -355,6 +383,7 @@ def measure(cfg: MeasureConfig, *, log: Callable[[str], None] = _log) -> dict:
             "engine": eng_version, "threads": cfg.threads, "seconds_quantize": t_quant, "result": result,
             "base": {"sets": {k: {"ppl": v["ppl"], "n_tokens": v["n_tokens"]} for k, v in base_result["sets"].items()}},
             "imatrix_file": cfg.imatrix if run.imatrix else None,
+            "rows": {"distortion": dist_rows, "measurements": meas_rows},
         }
         if run.group is None:
             _upsert(out / "distortion.csv", dist_rows, ["row_id"] + [c.name for c in DISTORTION_COLUMNS if c.name != "row_id"])

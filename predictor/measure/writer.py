@@ -24,7 +24,7 @@ from predictor.io.gguf import GGUFModel
 from predictor.quant.recipes import RecipeModel, choose_tensor_types
 from predictor.quant.types import get_type
 
-__all__ = ["WrittenModel", "plan_tensor_types", "write_gguf", "write_f32_base", "sha256_file"]
+__all__ = ["WrittenModel", "open_base_gguf", "plan_tensor_types", "sha256_file", "write_f32_base", "write_gguf"]
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 _FTYPE_ALL_F32 = 0

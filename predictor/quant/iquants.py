@@ -20,7 +20,7 @@ import numpy as np
 
 from predictor.errors import UsageError
 from predictor.quant._iq_grids import best_neighbours, grid_tables
-from predictor.quant._search import get_num_threads, seq_sum
+from predictor.quant._search import get_num_threads, roundf, seq_sum
 from predictor.quant._search import nearest_int as _nearest_int
 
 F32 = np.float32
@@ -271,19 +271,12 @@ def dequantize_iq4_xs(q, cols):
 # ------------------------------------------------------------------------------ TQ1_0 / TQ2_0 / MXFP4
 
 
-def _lround(v: np.ndarray) -> np.ndarray:
-    """C lroundf: round half away from zero (v - trunc(v) is exact, so no float32 +0.5 trap)."""
-    t = np.trunc(v)
-    frac = v - t
-    return (t + np.sign(frac) * (np.abs(frac) >= F32(0.5))).astype(np.int32)
-
-
 def _ternary(xb):
     """Shared by TQ1_0/TQ2_0: d = max|x| (fp16), trits lround(x/d) + 1 in 0..2."""
     amax = np.abs(xb).max(axis=1)  # a max is order-independent
     with np.errstate(divide="ignore"):
         inv = np.where(amax != 0, F32(1) / amax, F32(0)).astype(F32)
-    return amax, (_lround(xb * inv[:, None]) + 1).astype(np.uint8)
+    return amax, (roundf(xb * inv[:, None]).astype(np.int32) + 1).astype(np.uint8)
 
 
 def _pack_trits(t: np.ndarray) -> np.ndarray:

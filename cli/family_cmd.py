@@ -1,0 +1,76 @@
+"""`quantpredict family`: train the self-trained model family and export it to GGUF (issue 3)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _echo_err(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.group("family")
+def command() -> None:
+    """Train small Llama-architecture models from scratch and export them to GGUF.
+
+    Needs torch: pip install 'quantpredict[family]' (CPU build: pip install torch==2.13.0).
+    """
+
+
+@command.command("train")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "-m", "models", multiple=True,
+              help="Train only this model of a family file (repeatable; default: all, in file order).")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Run folder: the model's folder for one model, else the parent of one folder per model.")
+@click.option("--records", type=click.Path(file_okay=False),
+              help="Also copy each finished record to RECORDS/NAME.json (e.g. training_data/family/models).")
+@click.option("--threads", default=1, show_default=True, help="torch CPU threads.")
+def train_cmd(config, models, out_dir, records, threads):
+    """Train the models of CONFIG (a family file or one model's config); resumable, prints the records.
+
+    A run that stops resumes from its last checkpoint when the same command is run again.
+
+    \b
+    Example:
+      quantpredict family train training_data/family/family.json --model fam-xs-tp2 \\
+          -o /work/family_runs --records training_data/family/models
+    """
+    from predictor.family.family import expand_family, read_family, rebuild_command, train_family
+    from predictor.family.train import train_run
+
+    doc = read_family(config)
+    if "models" in doc:
+        recs = train_family(config, out_dir, only=list(models) or None, threads=threads, records_dir=records,
+                            progress=_echo_err)
+    else:
+        (cfg,) = expand_family(doc)
+        rec = train_run(cfg, out_dir, threads=threads, progress=_echo_err,
+                        rebuild_command=rebuild_command(config, cfg.name, out_dir).replace(f" --model {cfg.name}", ""))
+        if records:
+            Path(records).mkdir(parents=True, exist_ok=True)
+            (Path(records) / f"{cfg.name}.json").write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
+        recs = [rec]
+    click.echo(json.dumps([{k: r[k] for k in ("name", "n_params", "tokens_seen", "final_train_loss",
+                                              "train_seconds")} | {"gguf": r["gguf"]["file"]} for r in recs],
+                          indent=1))
+
+
+@command.command("list")
+@click.argument("family", type=click.Path(exists=True, dir_okay=False))
+@click.option("--runs", type=click.Path(file_okay=False), help="Runs folder, to show each model's status.")
+def list_cmd(family, runs):
+    """Show the models of a FAMILY file: parameters, tokens, tokens per parameter, settings."""
+    from predictor.family.family import expand_family, read_family
+    from predictor.family.model import count_params
+    from predictor.family.train import run_status
+
+    for c in expand_family(read_family(family), source=family):
+        n = count_params(c.model)
+        status = run_status(Path(runs) / c.name) if runs else ""
+        click.echo(f"{c.name:22s} {n / 1e6:5.2f}M  d{c.model.d_model} L{c.model.n_layers} ff{c.model.d_ff}  "
+                   f"{c.train.tokens / 1e6:6.1f}M tok  {c.train.tokens / n:5.1f} tok/param  "
+                   f"lr {c.train.lr:g} wd {c.train.weight_decay:g}  {status}")

@@ -1,0 +1,115 @@
+"""The self-trained family: byte tokenizer = llama.cpp's, export = llama.cpp's forward pass, held-out splits."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from predictor.family.tokenizer import BOS_ID, N_VOCAB, decode, encode
+
+torch = pytest.importorskip("torch")
+
+from predictor.family.data import Corpus, DataConfig, heldout_math_questions, math_problem  # noqa: E402
+from predictor.family.model import FamilyLM, ModelConfig, count_params  # noqa: E402
+from predictor.family.train import RunConfig, TrainConfig, train_run  # noqa: E402
+
+TEXT = "It was  the best of times,\n\tdef f(x):\n    return x * 2  # café → ✓\nQ: What is 12 + 7?\nA: 19\n"
+
+
+def _tiny_run(tmp_path, **train):
+    cfg = RunConfig(name="tiny", seed=3,
+                    model=ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, n_ctx=48).validate(
+                        kquant_sizes=False),
+                    train=TrainConfig(tokens=6 * 4 * 48, batch_size=4, lr=3e-3, log_every=2, **train))
+    prose = ["The sea was calm, and the ship sailed on through the night.\n" * 20]
+    code = ["def add(a, b):\n    return a + b\n\nclass A:\n    pass\n" * 20]
+    corpus = Corpus.from_texts({"prose": prose, "code": code}, {"prose": prose, "code": code},
+                               math_exclude={"What is 12 + 7?"})
+    rec = train_run(cfg, tmp_path / "run", corpus=corpus, threads=1)
+    return cfg, rec
+
+
+def test_encode_decode_roundtrip():
+    ids = encode(TEXT)
+    assert ids.max() < N_VOCAB and (ids != encode(" ")[0]).sum() == len(TEXT.encode()) - TEXT.count(" ")
+    assert decode(ids) == TEXT
+
+
+def test_math_problems_have_exact_answers():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        q, a = math_problem(rng)
+        m = re.fullmatch(r"What is (\d+) ([-+*/]) (\d+)\?", q)
+        if m:
+            x, op, y = int(m[1]), m[2], int(m[3])
+            want = {"+": x + y, "-": x - y, "*": x * y, "/": x // y}[op]
+            assert a == want and (op != "/" or x % y == 0)
+        else:
+            assert a >= 0 and q.endswith("?")
+
+
+def test_heldout_math_includes_measure_problems():
+    from dataclasses import replace
+
+    from predictor.family.data import _StubEngine
+    from predictor.measure.tasks import build_arithmetic, get_suite
+
+    held = heldout_math_questions()
+    rows = build_arithmetic(_StubEngine(), replace(get_suite("standard"), seed=0))
+    qs = [r["prefix"][-1][3:].split("\n")[0] for r in rows]
+    assert qs and all(q in held for q in qs)
+    corpus = Corpus.from_texts({}, {}, math_exclude=held)
+    batch = corpus.batch({"math": 1.0}, seed=0, step=0, batch_size=16, n_ctx=512)
+    trained = set(re.findall(r"Q: (.*?)\n", "".join(decode(r) for r in batch)))
+    assert trained and not trained & held
+
+
+def test_train_resume_export_matches_llama_cpp(tmp_path):
+    pytest.importorskip("llama_cpp")
+    from predictor.family.export import llama_cpp_logits, llama_cpp_tokenize
+
+    cfg, rec = _tiny_run(tmp_path)
+    assert rec["steps"] == cfg.n_steps == 6 and rec["tokens_seen"] == 6 * 4 * 48
+    assert rec["n_params"] == count_params(cfg.model)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train.log").read_text().splitlines()]
+    assert log[-1]["step"] == 6 and log[0]["loss"] > log[-1]["loss"]
+    gguf_path = tmp_path / "run" / "model.gguf"
+    # tokenizer: llama.cpp must produce exactly our ids (BOS + bytes, spaces as "▁")
+    ids = [BOS_ID] + encode(TEXT).tolist()
+    assert llama_cpp_tokenize(gguf_path, TEXT) == ids
+    # weights: llama.cpp's F32 forward pass equals the torch model restored from the checkpoint
+    model = FamilyLM(cfg.model)
+    model.load_state_dict(torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"])
+    model.eval()
+    with torch.no_grad():
+        want = model(torch.tensor([ids[:40]]))[0].numpy()
+    got = llama_cpp_logits(gguf_path, ids[:40])
+    assert got.shape == want.shape == (40, N_VOCAB)
+    assert np.abs(got - want).max() < 1e-3 * max(1.0, np.abs(want).max())
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_resume_gives_the_same_model(tmp_path):
+    cfg = RunConfig(name="r", seed=5, model=ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64,
+                                                        n_ctx=16).validate(kquant_sizes=False),
+                    train=TrainConfig(tokens=8 * 2 * 16, batch_size=2, log_every=1, precision="fp32"))
+    corpus = Corpus.from_texts({"prose": ["abc def ghi\n" * 30]}, {}, math_exclude=set())
+    cfg = RunConfig(**{**cfg.__dict__, "data": DataConfig(mix={"prose": 1.0})})
+    full = train_run(cfg, tmp_path / "a", corpus=corpus)
+    part = train_run(cfg, tmp_path / "b", corpus=corpus, max_steps=3)  # stop early, as a killed run would
+    assert part["finished"] is False and not (tmp_path / "b" / "model.gguf").exists()
+    resumed = train_run(cfg, tmp_path / "b", corpus=corpus)
+    assert resumed["steps"] == full["steps"] == 8
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_kquant_sizes_enforced():
+    from predictor.errors import UsageError
+
+    with pytest.raises(UsageError, match="multiples of 256"):
+        RunConfig.from_dict({"name": "x", "model": {"d_model": 320, "n_heads": 5, "n_kv_heads": 1, "d_ff": 768}})
