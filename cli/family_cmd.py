@@ -71,6 +71,13 @@ def list_cmd(family, runs):
     for c in expand_family(read_family(family), source=family):
         n = count_params(c.model)
         status = run_status(Path(runs) / c.name) if runs else ""
-        click.echo(f"{c.name:22s} {n / 1e6:5.2f}M  d{c.model.d_model} L{c.model.n_layers} ff{c.model.d_ff}  "
-                   f"{c.train.tokens / 1e6:6.1f}M tok  {c.train.tokens / n:5.1f} tok/param  "
+        if status != "done" and runs and (Path(runs) / c.name / "lock").exists():
+            status = "training" if status == "new" else "training (resumed)"
+        if status == "done":
+            rec = json.loads((Path(runs) / c.name / "record.json").read_text(encoding="utf-8"))
+            v = rec["final_val_loss"]
+            status = (f"done: {rec['train_seconds']:.0f} s, train loss {rec['final_train_loss']:.3f}, val "
+                      + " ".join(f"{k} {x:.3f}" for k, x in v.items()))
+        click.echo(f"{c.name:16s} {n / 1e6:5.2f}M  d{c.model.d_model} L{c.model.n_layers} ff{c.model.d_ff}  "
+                   f"{c.train.tokens / 1e6:5.1f}M tok  {c.train.tokens / n:4.1f} tok/param  "
                    f"lr {c.train.lr:g} wd {c.train.weight_decay:g}  {status}")

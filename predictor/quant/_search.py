@@ -93,6 +93,23 @@ def for_row_chunks(rows: int, cols: int, target_elements: int, work: Callable[[i
             f.result()
 
 
+def block_dequantizer(fn: Callable[[np.ndarray], np.ndarray], block_bytes: int, chunk_elements: int = 1 << 16):
+    """Turn fn((n_blocks, block_bytes) uint8) -> (n_blocks, block) float32 into a DEQUANTIZERS entry
+    (q (rows, row_bytes), cols) -> (rows, cols), run over row chunks to bound temporaries."""
+
+    def dequantize(q: np.ndarray, cols: int) -> np.ndarray:
+        rows = q.shape[0]
+        out = np.empty((rows, cols), F32)
+
+        def work(r0: int, r1: int) -> None:
+            out[r0:r1] = fn(q[r0:r1].reshape(-1, block_bytes)).reshape(r1 - r0, cols)
+
+        for_row_chunks(rows, cols, chunk_elements, work)
+        return out
+
+    return dequantize
+
+
 # ----------------------------------------------------------------------------------------- scalars
 
 

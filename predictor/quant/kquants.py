@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from predictor.quant._search import (
+    block_dequantizer,
     F32,
     GROUP_MAX_EPS,
     fp16_bits,
@@ -376,20 +377,6 @@ def _quantizer(fn, block_bytes):
     return quantize
 
 
-def _dequantizer(fn, block_bytes):
-    def dequantize(q: np.ndarray, cols: int) -> np.ndarray:
-        rows = q.shape[0]
-        out = np.empty((rows, cols), F32)
-
-        def work(r0: int, r1: int) -> None:
-            out[r0:r1] = fn(q[r0:r1].reshape(-1, block_bytes)).reshape(r1 - r0, cols)
-
-        for_row_chunks(rows, cols, CHUNK_ELEMENTS, work)
-        return out
-
-    return dequantize
-
-
 QUANTIZERS = {
     "Q2_K": _quantizer(_q2_k, 84),
     "Q3_K": _quantizer(_q3_k, 110),
@@ -398,9 +385,9 @@ QUANTIZERS = {
     "Q6_K": _quantizer(_q6_k, 210),
 }
 DEQUANTIZERS = {
-    "Q2_K": _dequantizer(_dq_q2_k, 84),
-    "Q3_K": _dequantizer(_dq_q3_k, 110),
-    "Q4_K": _dequantizer(_dq_q4_k, 144),
-    "Q5_K": _dequantizer(_dq_q5_k, 176),
-    "Q6_K": _dequantizer(_dq_q6_k, 210),
+    "Q2_K": block_dequantizer(_dq_q2_k, 84, CHUNK_ELEMENTS),
+    "Q3_K": block_dequantizer(_dq_q3_k, 110, CHUNK_ELEMENTS),
+    "Q4_K": block_dequantizer(_dq_q4_k, 144, CHUNK_ELEMENTS),
+    "Q5_K": block_dequantizer(_dq_q5_k, 176, CHUNK_ELEMENTS),
+    "Q6_K": block_dequantizer(_dq_q6_k, 210, CHUNK_ELEMENTS),
 }

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from predictor.quant._search import (
+    block_dequantizer,
     F32,
     first_max,
     first_min,
@@ -267,20 +268,6 @@ def _dq_q5_1(b: np.ndarray) -> np.ndarray:
     return v * d + m
 
 
-def _dequantizer(fn, block_bytes):
-    def dequantize(q: np.ndarray, cols: int) -> np.ndarray:
-        rows = q.shape[0]
-        out = np.empty((rows, cols), F32)
-
-        def work(r0: int, r1: int) -> None:
-            out[r0:r1] = fn(q[r0:r1].reshape(-1, block_bytes)).reshape(r1 - r0, cols)
-
-        for_row_chunks(rows, cols, CHUNK_ELEMENTS_SIMPLE, work)
-        return out
-
-    return dequantize
-
-
 QUANTIZERS = {
     "Q4_0": _quantizer(_q4_0_ref, _q4_0_imat, 18),
     "Q4_1": _quantizer(_q4_1_ref, _q4_1_imat, 20),
@@ -289,9 +276,9 @@ QUANTIZERS = {
     "Q8_0": _quantizer(_q8_0_ref, None, 34),
 }
 DEQUANTIZERS = {
-    "Q4_0": _dequantizer(_dq_q4_0, 18),
-    "Q4_1": _dequantizer(_dq_q4_1, 20),
-    "Q5_0": _dequantizer(_dq_q5_0, 22),
-    "Q5_1": _dequantizer(_dq_q5_1, 24),
-    "Q8_0": _dequantizer(_dq_q8_0, 34),
+    "Q4_0": block_dequantizer(_dq_q4_0, 18, CHUNK_ELEMENTS_SIMPLE),
+    "Q4_1": block_dequantizer(_dq_q4_1, 20, CHUNK_ELEMENTS_SIMPLE),
+    "Q5_0": block_dequantizer(_dq_q5_0, 22, CHUNK_ELEMENTS_SIMPLE),
+    "Q5_1": block_dequantizer(_dq_q5_1, 24, CHUNK_ELEMENTS_SIMPLE),
+    "Q8_0": block_dequantizer(_dq_q8_0, 34, CHUNK_ELEMENTS_SIMPLE),
 }
