@@ -49,7 +49,7 @@ def train_cmd(config, models, out_dir, records, threads):
     else:
         (cfg,) = expand_family(doc)
         rec = train_run(cfg, out_dir, threads=threads, progress=_echo_err,
-                        rebuild_command=rebuild_command(config, cfg.name, out_dir).replace(f" --model {cfg.name}", ""))
+                        rebuild_command=rebuild_command(config, None, out_dir))
         if records:
             Path(records).mkdir(parents=True, exist_ok=True)
             (Path(records) / f"{cfg.name}.json").write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
@@ -81,3 +81,33 @@ def list_cmd(family, runs):
         click.echo(f"{c.name:16s} {n / 1e6:5.2f}M  d{c.model.d_model} L{c.model.n_layers} ff{c.model.d_ff}  "
                    f"{c.train.tokens / 1e6:5.1f}M tok  {c.train.tokens / n:4.1f} tok/param  "
                    f"lr {c.train.lr:g} wd {c.train.weight_decay:g}  {status}")
+
+
+@command.command("report")
+@click.option("--records", type=click.Path(exists=True, file_okay=False), default="training_data/family/models",
+              show_default=True, help="Folder of the model records.")
+@click.option("--measured", type=click.Path(exists=True, file_okay=False),
+              help="`quantpredict measure` output folder (distortion.csv, measurements.csv, runs.csv).")
+@click.option("--imatrix", type=click.Choice(["no", "yes"]), default="no", show_default=True,
+              help="Which measured runs to show.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+def report_cmd(records, measured, imatrix, fmt):
+    """One row per trained model: training facts, KLD at a few presets, arithmetic accuracy.
+
+    \b
+    Example:
+      quantpredict family report --measured training_data/measured --format csv
+    """
+    import polars as pl
+
+    from predictor.family.report import build_family_table
+
+    df = build_family_table(records, measured, imatrix=imatrix)
+    if fmt == "csv":
+        click.echo(df.write_csv(), nl=False)
+    elif fmt == "json":
+        click.echo(json.dumps(df.to_dicts(), indent=1))
+    else:
+        with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=250, float_precision=4,
+                       tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
+            click.echo(str(df))

@@ -15,6 +15,14 @@ from predictor.errors import QuantPredictError
 
 
 class _Group(click.Group):
+    def parse_args(self, ctx, args):
+        # `quantpredict MODEL ...` is `quantpredict predict MODEL ...`
+        rest = [a for a in args if a != "--debug"]
+        if rest and not rest[0].startswith("-") and rest[0] not in self.commands:
+            args = list(args)
+            args.insert(args.index(rest[0]), "predict")
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -38,10 +46,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from cli import family_cmd, ingest_cmd, inspect_cmd, measure_cmd
+    from cli import family_cmd, ingest_cmd, inspect_cmd, measure_cmd, predict_cmd
 
-    for mod in (inspect_cmd, ingest_cmd, measure_cmd, family_cmd):
-        cli.add_command(mod.command)
+    for mod in (predict_cmd, inspect_cmd, ingest_cmd, measure_cmd, family_cmd):
+        for command in getattr(mod, "commands", [mod.command]):
+            cli.add_command(command)
 
 
 _register()

@@ -11,6 +11,16 @@ from predictor.errors import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # predictor.predict / predictor.load_model without importing LightGBM on `import predictor`
+    if name in ("predict", "load_model"):
+        import predictor.model as _model
+
+        return getattr(_model, name)
+    raise AttributeError(f"module 'predictor' has no attribute {name!r}")
+
+
 __all__ = [
     "InputFileError",
     "MismatchError",
@@ -19,4 +29,6 @@ __all__ = [
     "UnsupportedError",
     "UsageError",
     "__version__",
+    "load_model",
+    "predict",
 ]

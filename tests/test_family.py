@@ -113,3 +113,26 @@ def test_kquant_sizes_enforced():
 
     with pytest.raises(UsageError, match="multiples of 256"):
         RunConfig.from_dict({"name": "x", "model": {"d_model": 320, "n_heads": 5, "n_kv_heads": 1, "d_ff": 768}})
+
+
+def test_report_joins_records_and_measurements(tmp_path):
+    from predictor.family.report import build_family_table
+
+    rec = {"name": "m1", "n_params": 2_000_000, "tokens_seen": 4_000_000, "tokens_per_param": 2.0,
+           "config": {"train": {"lr": 0.002, "weight_decay": 0.1}}, "train_seconds": 10.0,
+           "final_train_loss": 1.5, "final_val_loss": {"prose": 1.7, "math": 0.4},
+           "outliers": {"max_abs_over_rms": 6.0, "mean_excess_kurtosis": 0.2, "massive_activation_ratio": 17.0}}
+    (tmp_path / "rec").mkdir()
+    (tmp_path / "rec" / "m1.json").write_text(json.dumps(rec))
+    (tmp_path / "distortion.csv").write_text(
+        "model,quant,imatrix,metric,dataset,value\n"
+        "m1,Q4_K_M,no,kld_mean,Project Gutenberg novels,0.003\n"
+        "m1,Q4_K_M,yes,kld_mean,Project Gutenberg novels,0.002\n"
+        "m1,Q4_K_M,no,ppl,Project Gutenberg novels,5.9\n")
+    (tmp_path / "measurements.csv").write_text(
+        "model,quant,imatrix,task,baseline_score,quant_score\nm1,Q2_K,no,Arithmetic,40.0,25.0\n")
+    (tmp_path / "runs.csv").write_text("model,seconds_quantize,seconds_eval\nm1,1.5,10\nm1,0.5,12\n")
+    row = build_family_table(tmp_path / "rec", tmp_path).to_dicts()[0]
+    assert row["kld_prose_Q4_K_M"] == 0.003 and row["kld_prose_Q2_K"] is None
+    assert row["arith_base"] == 40.0 and row["arith_Q2_K"] == 25.0 and row["measure_s"] == 24.0
+    assert build_family_table(tmp_path / "rec", tmp_path, imatrix="yes").to_dicts()[0]["kld_prose_Q4_K_M"] == 0.002

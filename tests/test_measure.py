@@ -297,3 +297,16 @@ def test_numpy_forward_pass_matches_llama_cpp_and_feeds_the_imatrix(tmp_path, ti
     net.forward(chunk, collect=lambda n, x: seen.setdefault(n, x.copy()), logits=False)
     assert imat.chunk_count == 1
     assert np.allclose(imat.vector("blk.1.ffn_down.weight"), (seen["blk.1.ffn_down.weight"] ** 2).mean(0), rtol=1e-5)
+
+
+def test_rank_correlation_and_loglog_fit():
+    from predictor.measure.analysis import loglog_fit, spearman
+
+    x = np.array([0.01, 0.02, 0.05, 0.1, 0.2])
+    assert spearman(x, x**2 + 1) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(np.corrcoef([0, 1.5, 1.5, 3], [0, 1, 2, 3])[0, 1])
+    fit = loglog_fit(x, 3.0 * x**2)
+    assert fit["slope"] == pytest.approx(2.0) and fit["median_factor"] == pytest.approx(1.0)
+    noisy = loglog_fit(x, 3.0 * x**2 * np.array([1, 2, 1, 0.5, 1]))
+    assert 1.0 < noisy["median_factor"] <= noisy["max_factor"] < 2.0

@@ -76,8 +76,11 @@ def expand_family(doc: dict, *, source: str = "family file") -> list[RunConfig]:
     return out
 
 
-def rebuild_command(family_path: str, name: str, out_dir: str) -> str:
-    return " ".join(["quantpredict", "family", "train", shlex.quote(family_path), "--model", shlex.quote(name),
+def rebuild_command(family_path: str, name: str | None, out_dir: str) -> str:
+    """The command that retrains one model: of a family file (out_dir = the runs folder) or of a
+    single-model config (name None, out_dir = the run folder)."""
+    pick = ["--model", shlex.quote(name)] if name else []
+    return " ".join(["quantpredict", "family", "train", shlex.quote(family_path), *pick,
                      "-o", shlex.quote(out_dir), "--threads", "1"])
 
 
@@ -128,7 +131,7 @@ def train_family(family_path: str | os.PathLike, runs_dir: str | os.PathLike, *,
                     from predictor.family.data import load_corpus  # noqa: PLC0415
                     corpora[key] = load_corpus(cfg.data)
                 rec = train_run(cfg, run, threads=threads, corpus=corpora[key],
-                                rebuild_command=rebuild_command(os.fspath(family_path), cfg.name, os.fspath(run)),
+                                rebuild_command=rebuild_command(os.fspath(family_path), cfg.name, os.fspath(runs)),
                                 progress=progress)
             finally:
                 lock.unlink(missing_ok=True)

@@ -88,7 +88,10 @@ LGB_DEFAULTS = dict(
 
 
 class DropRegressor:
-    """Quantile LightGBM boosters for the relative drop: `predict` returns (point, low, high)."""
+    """LightGBM boosters for the relative drop: `predict` returns (point, low, high).
+
+    The point booster is a Huber fit, non-decreasing in `monotone_increasing`; low/high are quantile
+    boosters at quantiles[0] / quantiles[2]."""
 
     def __init__(
         self,
@@ -102,8 +105,10 @@ class DropRegressor:
         num_leaves: int = LGB_DEFAULTS["num_leaves"],
         min_child_samples: int = LGB_DEFAULTS["min_child_samples"],
         reg_lambda: float = LGB_DEFAULTS["reg_lambda"],
+        huber_delta: float = 5.0,
         seed: int = 0,
     ):
+        self.huber_delta = huber_delta
         self.feature_names = list(feature_names)
         self.categorical = list(categorical)
         self.monotone_increasing = list(monotone_increasing)
@@ -117,13 +122,18 @@ class DropRegressor:
 
     def get_params(self, deep: bool = True) -> dict:
         keys = ["feature_names", "categorical", "monotone_increasing", "quantiles", "n_estimators",
-                "learning_rate", "num_leaves", "min_child_samples", "reg_lambda", "seed"]
+                "learning_rate", "num_leaves", "min_child_samples", "reg_lambda", "huber_delta", "seed"]
         return {k: getattr(self, k) for k in keys}
 
     def _params(self, alpha: float) -> dict:
-        return {
-            "objective": "quantile",
-            "alpha": alpha,
+        # LightGBM refuses monotone constraints with the quantile objective, so the point estimate
+        # is a Huber fit (robust to the noisy rows, monotone in distortion) and only the interval
+        # bounds are quantile boosters (unconstrained; `predict` orders the three).
+        point = abs(alpha - 0.5) < 1e-9
+        mono = [1 if (point and f in self.monotone_increasing) else 0 for f in self.feature_names]
+        params = {
+            "objective": "huber" if point else "quantile",
+            "alpha": self.huber_delta if point else alpha,
             "learning_rate": self.learning_rate,
             "num_leaves": self.num_leaves,
             "min_data_in_leaf": self.min_child_samples,
@@ -131,14 +141,15 @@ class DropRegressor:
             "min_data_per_group": 5,
             "cat_smooth": 5.0,
             "max_cat_to_onehot": 8,
-            "monotone_constraints": [1 if f in self.monotone_increasing else 0 for f in self.feature_names],
-            "monotone_constraints_method": "advanced",
             "num_threads": 1,
             "deterministic": True,
             "force_row_wise": True,
             "seed": self.seed,
             "verbosity": -1,
         }
+        if any(mono):  # even an all-zero list is refused with the quantile objective
+            params.update(monotone_constraints=mono, monotone_constraints_method="advanced")
+        return params
 
     def fit(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> "DropRegressor":
         X = np.asarray(X, dtype=np.float64)

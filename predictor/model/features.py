@@ -37,7 +37,9 @@ TASK_CATEGORIES = ("math", "code", "knowledge", "chat", "reasoning", "creative")
 CATEGORY_PROXY = {"creative": "chat"}
 STAGE_A_FEATURES = ["log_ref_mse", "imatrix", "log_params", "log_tpp", "tpp_missing", "is_ppl",
                     *[f"method_{m}" for m in qs.METHOD_CLASSES if m != "llama.cpp"]]
-STAGE_B_FEATURES = ["log_kld", "task_category", "log_params", "log_tpp", "baseline_headroom"]
+# The baseline score is not a feature: a user asking before download does not have it, and a
+# feature that is always missing at prediction time only shifts the trees' missing-value branch.
+STAGE_B_FEATURES = ["log_kld", "task_category", "log_params", "log_tpp"]
 DEFAULT_TPP_LOG = math.log(100.0)  # stand-in for unknown tokens/param in the linear stage
 _INT_FAMILIES = {"rtn", "gptq", "awq", "autoround", "hqq", "omniquant", "mlx", "bnb", "exl2", "other"}
 
@@ -227,9 +229,9 @@ def build_tables(training_dir: str | Path | None = None, *, type_ref: Mapping[st
         metric = r["metric"]
         if metric == "kld_mean" and r["value"] is not None and r["value"] > 0:
             y, is_ppl = math.log(max(r["value"], 1e-5)), 0.0
-        elif metric == "ppl" and r["baseline"] and r["value"]:
+        elif metric == "ppl" and r["baseline"] and r["value"] and math.isfinite(r["value"]) and r["value"] > 0:
             lr = math.log(r["value"] / r["baseline"])
-            if r["quant_family"] == "float":
+            if r["quant_family"] == "float" or not math.isfinite(lr):
                 continue
             y, is_ppl = math.log(max(lr, 3e-4)), 1.0
         else:

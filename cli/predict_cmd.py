@@ -1,0 +1,149 @@
+"""`quantpredict predict MODEL` (also `quantpredict MODEL`), `quantpredict train`, `quantpredict validate`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+
+import click
+
+from predictor.model.predict import DEFAULT_TOLERANCE, KV_BYTES_PER_ELEMENT, TASKS, plot_predictions, predict
+
+GIB = 2**30
+
+
+def _progress(i: int, n: int, name: str) -> None:
+    if sys.stderr.isatty():
+        end = "\n" if i == n else ""
+        sys.stderr.write(f"\rreading weights {i}/{n} {name[:40]:<40}{end}")
+    elif n and (i == n or i % max(1, n // 10) == 0):
+        sys.stderr.write(f"reading weights {i}/{n}\n")
+    sys.stderr.flush()
+
+
+def _imatrix_arg(value: str | None):
+    if value is None:
+        return None
+    low = value.strip().lower()
+    if low in ("yes", "true", "1"):
+        return True
+    if low in ("no", "false", "0"):
+        return None
+    return value
+
+
+def render_table(result) -> str:
+    m = result.model
+    head = (f"{m.get('name') or m['path']}  ({m.get('architecture')}, {m['params_b']:.2f}B params, "
+            f"family {m.get('family') or 'unknown'}, tier {result.tier}, task {result.task})")
+    lines = [head]
+    cols = ["preset", "GiB", "bpw", "KLD", "drop %", "80% interval", "fits", "verdict"]
+    rows = []
+    for p in result.predictions:
+        rows.append([p.preset, f"{p.tensor_bytes / GIB:.2f}", f"{p.bits_per_weight:.2f}", f"{p.kld:.4f}",
+                     f"{p.drop_pct:.1f}", f"{p.drop_low:.1f} .. {p.drop_high:.1f}",
+                     "–" if p.fits is None else ("yes" if p.fits else "no"), p.verdict])
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    lines.append("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+    rec = result.recommendation
+    lines.append(f"recommendation: {rec.preset or 'none'} — {rec.reason}")
+    for note in m.get("notes", []):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def render_csv(results) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["task", "tier", "preset", "drop_pct", "drop_low", "drop_high", "kld", "tensor_bytes",
+                "bits_per_weight", "fits", "verdict", "recommended"])
+    for r in results:
+        for p in r.predictions:
+            w.writerow([r.task, r.tier, p.preset, p.drop_pct, p.drop_low, p.drop_high, p.kld, p.tensor_bytes,
+                        p.bits_per_weight, "" if p.fits is None else p.fits, p.verdict,
+                        p.preset == r.recommendation.preset])
+    return buf.getvalue()
+
+
+@click.command("predict")
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--task", "-t", default="math", show_default=True,
+              help=f"Task category: {', '.join(TASKS)} or all.")
+@click.option("--imatrix", help="llama.cpp imatrix file (.gguf/.dat), or 'yes' to assume one will be used.")
+@click.option("--memory", help="Memory budget for weights + KV cache, e.g. 8GB (GB = GiB).")
+@click.option("--context", type=int, help="Context length for the KV cache [default: 4096].")
+@click.option("--kv-type", type=click.Choice(list(KV_BYTES_PER_ELEMENT)), default="f16", show_default=True)
+@click.option("--tolerance", type=float, default=DEFAULT_TOLERANCE, show_default=True,
+              help="Largest acceptable predicted relative drop (%) for the recommendation.")
+@click.option("--train-tokens", type=float, help="Pre-training tokens in trillions (if the registry lacks them).")
+@click.option("--model-dir", type=click.Path(file_okay=False), help="Trained predictor [default: models/default].")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option("--plot", type=click.Path(dir_okay=False), help="Also draw predicted drop vs file size to FILE.png.")
+def command(model, task, imatrix, memory, context, kv_type, tolerance, train_tokens, model_dir, fmt, plot):
+    """Predict the accuracy drop of MODEL at every llama.cpp preset and recommend one.
+
+    MODEL: a safetensors file, a model folder, a GGUF, or just a config.json.
+
+    \b
+    Examples:
+      quantpredict examples/llama-3-8b-instruct/config.json --task math --memory 8GB
+      quantpredict predict ./Qwen3-8B/ --task all --imatrix imatrix.gguf --format json
+    """
+    res = predict(model, task=task, imatrix=_imatrix_arg(imatrix), memory=memory, context=context,
+                  kv_type=kv_type, tolerance=tolerance, train_tokens=train_tokens, model_dir=model_dir,
+                  progress=_progress)
+    results = res if isinstance(res, list) else [res]
+    if fmt == "json":
+        obj = [r.as_dict() for r in results] if isinstance(res, list) else res.as_dict()
+        click.echo(json.dumps(obj, indent=1))
+    elif fmt == "csv":
+        click.echo(render_csv(results), nl=False)
+    else:
+        click.echo("\n\n".join(render_table(r) for r in results))
+    if plot:
+        path = plot_predictions(results, plot)
+        click.echo(f"plot written to {path}", err=True)
+
+
+@click.command("train")
+@click.option("--training-data", type=click.Path(file_okay=False, exists=True),
+              help="training_data folder [default: the repository's].")
+@click.option("--out", "-o", default="models/default", show_default=True, type=click.Path(file_okay=False))
+@click.option("--no-validate", is_flag=True, help="Skip grouped CV (no metrics or conformal widening in the card).")
+def train_command(training_data, out, no_validate):
+    """Fit the predictor on training_data/ and write models/default (deterministic).
+
+    \b
+    Example:
+      quantpredict train -o models/default
+    """
+    from predictor.model.train import train
+
+    path = train(training_data, out, validate=not no_validate,
+                 progress=lambda msg: click.echo(msg, err=True))
+    click.echo(f"model written to {path}")
+
+
+@click.command("validate")
+@click.option("--model-dir", type=click.Path(file_okay=False, exists=True), help="[default: models/default]")
+@click.option("--training-data", type=click.Path(file_okay=False, exists=True))
+@click.option("--out", "-o", default="validation_report", show_default=True, type=click.Path(file_okay=False))
+def validate_command(model_dir, training_data, out):
+    """Grouped cross-validation (whole models / whole families held out) against the baselines;
+    writes REPORT.md and PNG plots.
+
+    \b
+    Example:
+      quantpredict validate --model-dir models/default -o validation_report
+    """
+    from predictor.model.validate import write_report
+
+    path = write_report(model_dir, out, training_data, progress=lambda msg: click.echo(msg, err=True))
+    click.echo(f"report written to {path / 'REPORT.md'}")
+
+
+commands = [command, train_command, validate_command]
