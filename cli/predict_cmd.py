@@ -90,7 +90,7 @@ def command(model, task, imatrix, memory, context, kv_type, tolerance, train_tok
 
     \b
     Examples:
-      quantpredict examples/llama-3-8b-instruct/config.json --task math --memory 8GB
+      quantpredict examples/Meta-Llama-3-8B-Instruct/config.json --task math --memory 8GB
       quantpredict predict ./Qwen3-8B/ --task all --imatrix imatrix.gguf --format json
     """
     res = predict(model, task=task, imatrix=_imatrix_arg(imatrix), memory=memory, context=context,
