@@ -39,6 +39,9 @@ def train_cmd(config, models, out_dir, records, threads):
       quantpredict family train training_data/family/family.json --model fam-xs-tp2 \\
           -o /work/family_runs --records training_data/family/models
     """
+    from predictor.family import require_torch
+
+    require_torch()
     from predictor.family.family import expand_family, read_family, rebuild_command, train_family
     from predictor.family.train import train_run
 
@@ -59,11 +62,34 @@ def train_cmd(config, models, out_dir, records, threads):
                           indent=1))
 
 
+@command.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False),
+              help="GGUF to write (default RUN_DIR/model.gguf).")
+def export_cmd(run_dir, out_path):
+    """Write the F32 GGUF of RUN_DIR's latest checkpoint (training writes it already; this re-exports,
+    e.g. a partly trained run).
+
+    \b
+    Example:
+      quantpredict family export /work/family_runs/fam-xs-tp8 -o /tmp/fam-xs-tp8.gguf
+    """
+    from predictor.family import require_torch
+
+    require_torch()
+    from predictor.family.export import export_checkpoint
+
+    click.echo(str(export_checkpoint(run_dir, out_path)))
+
+
 @command.command("list")
 @click.argument("family", type=click.Path(exists=True, dir_okay=False))
 @click.option("--runs", type=click.Path(file_okay=False), help="Runs folder, to show each model's status.")
 def list_cmd(family, runs):
     """Show the models of a FAMILY file: parameters, tokens, tokens per parameter, settings."""
+    from predictor.family import require_torch
+
+    require_torch()
     from predictor.family.family import expand_family, read_family
     from predictor.family.model import count_params
     from predictor.family.train import run_status

@@ -90,6 +90,15 @@ def test_train_resume_export_matches_llama_cpp(tmp_path):
     assert got.shape == want.shape == (40, N_VOCAB)
     assert np.abs(got - want).max() < 1e-3 * max(1.0, np.abs(want).max())
     assert (got.argmax(1) == want.argmax(1)).all()
+    # re-export from the checkpoint: the same tensors
+    import gguf
+
+    from predictor.family.export import export_checkpoint
+
+    again = export_checkpoint(tmp_path / "run", tmp_path / "again.gguf")
+    a, b = gguf.GGUFReader(gguf_path), gguf.GGUFReader(again)
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    assert all(np.array_equal(x.data, y.data) for x, y in zip(a.tensors, b.tensors))
 
 
 def test_resume_gives_the_same_model(tmp_path):

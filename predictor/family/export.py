@@ -14,7 +14,7 @@ import numpy as np
 
 from predictor.family.tokenizer import BOS_ID, EOS_ID, UNK_ID, gguf_vocab
 
-__all__ = ["write_family_gguf", "llama_cpp_logits", "llama_cpp_tokenize"]
+__all__ = ["write_family_gguf", "export_checkpoint", "llama_cpp_logits", "llama_cpp_tokenize"]
 
 
 def write_family_gguf(path: str | os.PathLike, tensors: dict[str, np.ndarray], cfg, *, name: str,
@@ -140,3 +140,31 @@ def llama_cpp_tokenize(path: str | os.PathLike, text: str, *, bos: bool = True) 
         return list(buf[:n])
     finally:
         L.llama_model_free(model)
+
+
+def export_checkpoint(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = None) -> Path:
+    """Write the GGUF of a run folder's latest checkpoint (default RUN/model.gguf); returns its path."""
+    import json  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    from predictor.errors import InputFileError  # noqa: PLC0415
+    from predictor.family.model import FamilyLM  # noqa: PLC0415
+    from predictor.family.train import RunConfig  # noqa: PLC0415
+
+    run = Path(run_dir)
+    cfg_path, ckpt = run / "config.json", run / "ckpt.pt"
+    if not cfg_path.is_file() or not ckpt.is_file():
+        raise InputFileError(run, "no config.json and ckpt.pt here", "give a run folder of quantpredict family train")
+    try:
+        cfg = RunConfig.from_dict(json.loads(cfg_path.read_text(encoding="utf-8")), kquant_sizes=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model = FamilyLM(cfg.model)
+        model.load_state_dict(state["model"])
+    except (json.JSONDecodeError, KeyError, RuntimeError, OSError) as e:
+        raise InputFileError(run, f"unreadable run ({type(e).__name__}: {str(e)[:120]})",
+                             "retrain it with quantpredict family train") from None
+    out = Path(out_path) if out_path else run / "model.gguf"
+    tensors = {k: v.numpy() for k, v in model.gguf_tensors().items()}
+    return write_family_gguf(out, tensors, cfg.model, name=cfg.name,
+                             extra={"seed": cfg.seed, "step": int(state["step"]), "config": json.dumps(cfg.as_dict())})
