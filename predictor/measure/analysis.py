@@ -47,7 +47,9 @@ def spearman(a, b) -> float:
 
 def loglog_fit(err, kld) -> dict:
     """Least-squares fit of log KLD on log err; the median and worst factor between fit and measurement."""
-    x, y = np.log(np.asarray(err, dtype=np.float64)), np.log(np.asarray(kld, dtype=np.float64))
+    e, k = np.asarray(err, dtype=np.float64), np.asarray(kld, dtype=np.float64)
+    keep = (e > 0) & (k > 0)  # an exact requantization (zero error) has no logarithm
+    x, y = np.log(e[keep]), np.log(k[keep])
     if len(x) < 3:
         return {"n": len(x)}
     b, a = np.polyfit(x, y, 1)
