@@ -204,3 +204,23 @@ def test_cli_nan_weights_and_unknown_preset(tmp_path, tiny_model):
     assert res.exit_code == 2 and "NaN" in res.stderr and str(path) in res.stderr
     res = CliRunner().invoke(cli, ["inspect", str(tiny_model), "-p", "Q4_Z"])
     assert res.exit_code == 2 and "Q4_Z" in res.stderr and "Q4_K_M" in res.stderr
+
+
+def test_weighted_error_sampling_finds_the_rows_that_carry_the_activations(tmp_path):
+    """One hot input column, large weights on it in a few rows: those rows carry most of the
+    imatrix-weighted signal and error. A plain random row sample misses them and overstates the
+    weighted error several-fold; the stratified sample must stay close to the exact pass."""
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((2048, 512)) * 0.02).astype(np.float32)
+    x[rng.choice(2048, 6, replace=False), 77] = 0.6
+    path = tmp_path / "hot.safetensors"
+    write_safetensors(path, {"model.layers.0.mlp.down_proj.weight": x}, dtype="F32")
+    v = np.full(512, 0.01, np.float32)
+    v[77] = 50.0
+    imat = tmp_path / "imatrix.gguf"
+    write_imatrix_gguf(imat, {"blk.0.ffn_down.weight": v[None] * 100}, {"blk.0.ffn_down.weight": np.array([100.0])},
+                       chunk_count=1, chunk_size=100, datasets=["synthetic"])
+    kw = dict(imatrix=imat, presets=["Q4_0"])
+    exact = inspect_model(path, exact=True, **kw).as_dict()["presets"][0]["weighted_rel_rmse"]
+    sampled = inspect_model(path, sample_weights=64 * 512, **kw).as_dict()["presets"][0]["weighted_rel_rmse"]
+    assert sampled == pytest.approx(exact, rel=0.15)

@@ -61,6 +61,7 @@ class TensorSample:
     layer: int | None
     rows_total: int
     rows: np.ndarray  # sampled row indices
+    expand: np.ndarray  # per sampled row: how many rows of the tensor it stands for (1 = taken with certainty)
     signal: np.ndarray  # sum_j x^2 per sampled row
     weighted_signal: np.ndarray | None
     stats: dict  # distribution statistics of the sample
@@ -114,6 +115,29 @@ def _imatrix_for(imatrix, info: TensorInfo) -> np.ndarray | None:
     return np.stack([imatrix.vector(info.name, e, cols=info.cols) for e in range(n_mat)])
 
 
+def _stratified_rows(reader, info, imat, rows_per_mat, n_take, seed, chunk_rows):
+    """Rows for the imatrix-weighted estimate: the half of the sample with the largest weighted signal
+    sum_j w_j x_ij^2 is taken with certainty, the other half at random from the remaining rows.
+
+    Activations concentrate on a few input columns, so a few rows (large weights on those columns)
+    carry most of the weighted signal and error; a plain random sample misses them and overstates
+    the weighted error several-fold. Finding them costs one streaming read of the tensor."""
+    rows_total = info.rows
+    ws = np.empty(rows_total)
+    for start in range(0, rows_total, chunk_rows):
+        part = np.arange(start, min(rows_total, start + chunk_rows))
+        x = reader.read_rows(info.name, part).astype(np.float64)
+        ws[part] = ((x * x) * imat[part // rows_per_mat]).sum(axis=1)
+    n_certain = n_take // 2
+    certain = np.sort(np.argsort(-ws, kind="stable")[:n_certain])
+    rest = np.setdiff1d(np.arange(rows_total), certain)
+    picked = rest[sample_row_indices(info.name, len(rest), n_take - n_certain, seed)]
+    idx = np.concatenate([certain, picked])
+    expand = np.concatenate([np.ones(n_certain), np.full(len(picked), len(rest) / len(picked))])
+    order = np.argsort(idx)
+    return idx[order], expand[order]
+
+
 def sample_tensor(
     reader: ModelReader,
     info: TensorInfo,
@@ -131,9 +155,13 @@ def sample_tensor(
     rows_total = info.rows
     cols = info.cols
     n_take = rows_total if sample_weights is None else max(1, -(-sample_weights // cols))
-    idx = sample_row_indices(info.name, rows_total, n_take, seed)
     imat = _imatrix_for(imatrix, info)
     rows_per_mat = rows_total // (imat.shape[0] if imat is not None else 1)
+    if imat is not None and n_take < rows_total:
+        idx, expand = _stratified_rows(reader, info, imat, rows_per_mat, n_take, seed, chunk_rows)
+    else:
+        idx = sample_row_indices(info.name, rows_total, n_take, seed)
+        expand = np.full(len(idx), rows_total / len(idx))
     types = [t for t in dict.fromkeys(types) if t != info.dtype]
 
     signal, wsignal = [], []
@@ -177,6 +205,7 @@ def sample_tensor(
         layer=recipes.layer_of(info.name),
         rows_total=rows_total,
         rows=idx,
+        expand=expand,
         signal=np.concatenate(signal),
         weighted_signal=np.concatenate(wsignal) if imat is not None else None,
         stats=stats,
@@ -210,37 +239,40 @@ class ErrorSummary:
 def summarize(parts: list[tuple[TensorSample, str]]) -> ErrorSummary | None:
     """Aggregate (sample, type) pairs into one ratio estimate, scaling each sample to its tensor.
 
-    The ratio R = sum(err)/sum(signal) is estimated from sampled rows expanded by rows_total/n; its
-    variance comes from the per-row residuals err - R*signal (the classic ratio-estimator formula,
-    with the finite-population correction), so an exact pass reports 0."""
+    The ratio R = sum(err)/sum(signal) is estimated from sampled rows, each expanded by the number of
+    rows it stands for; its variance comes from the per-row residuals err - R*signal of the randomly
+    drawn rows (the ratio-estimator formula with the finite-population correction), so rows taken
+    with certainty, and an exact pass, add none."""
     if not parts:
         return None
     tot_e = tot_s = tot_we = tot_ws = 0.0
     n_weights = 0
     for s, t in parts:
-        f = s.rows_total / len(s.rows)
-        tot_s += f * s.signal.sum()
+        f = s.expand
+        tot_s += f @ s.signal
         n_weights += s.rows_total * s.info.cols
         # The weighted error covers only tensors the imatrix has entries for (not token_embd).
         if s.weighted_signal is not None:
-            tot_ws += f * s.weighted_signal.sum()
+            tot_ws += f @ s.weighted_signal
         if t is None:  # kept at source precision: no error
             continue
         e = s.errors[t]
-        tot_e += f * e.err.sum()
+        tot_e += f @ e.err
         if e.weighted_err is not None:
-            tot_we += f * e.weighted_err.sum()
+            tot_we += f @ e.weighted_err
     if tot_s <= 0:
         return ErrorSummary(0.0, 0.0, None, n_weights)
     ratio = tot_e / tot_s
     var_total = 0.0
     for s, t in parts:
-        n = len(s.rows)
-        if n >= s.rows_total or n < 2:
+        rand = s.expand > 1  # rows taken with certainty add no sampling variance
+        n = int(rand.sum())
+        if n < 2:
             continue
-        err = s.errors[t].err if t is not None else np.zeros(n)
-        d = err - ratio * s.signal
-        var_total += s.rows_total**2 * (1 - n / s.rows_total) * d.var(ddof=1) / n
+        n_pop = s.expand[rand].sum()
+        err = s.errors[t].err[rand] if t is not None else np.zeros(n)
+        d = err - ratio * s.signal[rand]
+        var_total += n_pop**2 * (1 - n / n_pop) * d.var(ddof=1) / n
     se_ratio = np.sqrt(var_total) / tot_s
     rel = float(np.sqrt(ratio))
     rel_se = float(se_ratio / (2 * rel)) if rel > 0 else 0.0

@@ -58,9 +58,18 @@ def loglog_fit(err, kld) -> dict:
             "median_factor": float(math.exp(np.median(np.abs(resid)))), "max_factor": float(math.exp(np.abs(resid).max()))}
 
 
-def run_weight_errors(base_path, tensor_types: dict[str, str], imatrix, *, cache: dict | None = None) -> dict:
-    """Exact weighted and unweighted relative errors of one run's tensor types (cached per tensor/type)."""
+def run_weight_errors(base_path, tensor_types: dict[str, str], imatrix, *, cache: dict | None = None,
+                      quantized_with=None, quant_cache_dir=None) -> dict:
+    """Exact weighted and unweighted relative errors of one run's tensor types (cached per tensor/type).
+
+    `imatrix` weights the error; `quantized_with` is the imatrix the run was quantized with (None:
+    without). `quant_cache_dir`: the sweep's cache of quantized tensors, reused when present."""
+    import hashlib
+
     cache = {} if cache is None else cache
+    tag = "none"
+    if quantized_with is not None:
+        tag = hashlib.sha256(Path(quantized_with.path).read_bytes()).hexdigest()[:12]
     num_w = den_w = num = den = 0.0
     with open_gguf(base_path) as base:
         for t in base.tensors:
@@ -79,12 +88,17 @@ def run_weight_errors(base_path, tensor_types: dict[str, str], imatrix, *, cache
                     den_w += sw
                 den += s
                 continue
-            key = (t.name, qt)
+            use = quantized_with is not None and t.name in quantized_with
+            key = (t.name, qt, tag if use else "none")
             if key not in cache:
                 x = base.read_tensor(t.name).reshape(t.rows, t.cols)
                 w = imatrix.vector(t.name) if t.name in imatrix else None
-                # types measured without the imatrix were quantized without it; the error is weighted anyway
-                q = quant.dequantize(quant.quantize(x, qt), qt, cols=t.cols)
+                stored = Path(quant_cache_dir) / f"{t.name}.{qt}.{key[2]}.npy" if quant_cache_dir else None
+                if stored is not None and stored.exists():
+                    raw = np.load(stored).reshape(t.rows, -1)
+                else:
+                    raw = quant.quantize(x, qt, imatrix=quantized_with.vector(t.name) if use else None)
+                q = quant.dequantize(raw, qt, cols=t.cols)
                 e2 = ((q - x).astype(np.float64) ** 2).sum(0)
                 x2 = (x.astype(np.float64) ** 2).sum(0)
                 cache[key] = (float((w * e2).sum()) if w is not None else None,
@@ -99,35 +113,37 @@ def run_weight_errors(base_path, tensor_types: dict[str, str], imatrix, *, cache
             "rel_rmse": math.sqrt(num / den) if den else None}
 
 
-def compare(out_dir, slug: str, base_path, imatrix_path, *, dataset_keys=("prose", "code", "gsm8k")) -> dict:
-    """Weight error vs measured KLD for every run of one model without an imatrix (preset and ablation runs).
-
-    Runs made with the imatrix are compared in `compare_inspect`, where inspect's estimate applies."""
+def compare(out_dir, slug: str, base_path, imatrix_path, *, dataset_keys=("prose", "code", "gsm8k"),
+            quant_cache_dir=None) -> dict:
+    """Exact weight error vs measured KLD for every run of one model (presets with and without the
+    imatrix, and ablations); the error is always weighted by `imatrix_path`."""
     imatrix = read_imatrix(imatrix_path)
     cache: dict = {}
     rows = []
     for path in sorted((Path(out_dir) / "runs" / slug).glob("*.json")):
         r = json.loads(path.read_text())
-        if r.get("imatrix"):
-            continue
         sets = r["result"]["sets"]
         n = sum(sets[k]["n_tokens"] for k in dataset_keys if k in sets)
         kld = sum(sets[k]["kld_mean"] * sets[k]["n_tokens"] for k in dataset_keys if k in sets) / n
-        errs = run_weight_errors(base_path, r["tensor_types"], imatrix, cache=cache)
-        rows.append({"run": r["run"], "kind": "ablation" if r.get("ablation_group") else "preset",
+        errs = run_weight_errors(base_path, r["tensor_types"], imatrix, cache=cache,
+                                 quantized_with=imatrix if r.get("imatrix") else None, quant_cache_dir=quant_cache_dir)
+        kind = "ablation" if r.get("ablation_group") else ("preset+imatrix" if r.get("imatrix") else "preset")
+        rows.append({"run": r["run"], "kind": kind,
                      "kld_mean": kld, "bits_per_weight": r["bits_per_weight"], **errs})
     return {"rows": rows, "summary": _summaries(rows)}
 
 
 def _summaries(rows: list[dict]) -> dict:
     out = {}
-    for kind in ("preset", "ablation", "all"):
+    for kind in ("preset", "preset+imatrix", "ablation", "all"):
         sel = [r for r in rows if kind == "all" or r["kind"] == kind]
         sel_w = [r for r in sel if r.get("weighted_rel_rmse")]
         out[kind] = {
             "n": len(sel),
             "spearman_weighted": spearman([r["weighted_rel_rmse"] for r in sel_w], [r["kld_mean"] for r in sel_w]),
             "spearman_unweighted": spearman([r["rel_rmse"] for r in sel], [r["kld_mean"] for r in sel]),
+            "spearman_bits_per_weight": spearman([-r["bits_per_weight"] for r in sel], [r["kld_mean"] for r in sel])
+            if all(r.get("bits_per_weight") for r in sel) else float("nan"),
             "fit_weighted": loglog_fit([r["weighted_rel_rmse"] for r in sel_w], [r["kld_mean"] for r in sel_w]),
             "fit_unweighted": loglog_fit([r["rel_rmse"] for r in sel], [r["kld_mean"] for r in sel]),
         }
@@ -156,16 +172,18 @@ def render_markdown(title: str, result: dict, inspect_result: dict | None = None
     """A markdown section: per-run table and the rank/ratio summaries."""
     lines = [f"## {title}", ""]
     summ = result["summary"]
-    lines += ["| runs | n | Spearman (imatrix-weighted error) | Spearman (unweighted) | log-log slope (weighted) | median / max factor (weighted) |",
-              "|---|---|---|---|---|---|"]
-    groups = [(k, summ[k]) for k in ("preset", "ablation", "all")]
+    lines += ["| runs | n | Spearman (imatrix-weighted error) | Spearman (unweighted error) | Spearman (fewer bits/weight) | log-log slope (weighted) | median / max factor (weighted) | median / max factor (unweighted) |",
+              "|---|---|---|---|---|---|---|---|"]
+    groups = [(k, summ[k]) for k in ("preset", "preset+imatrix", "ablation", "all")]
     if inspect_result and inspect_result.get("summary"):
         groups.append(("inspect, imatrix presets", inspect_result["summary"]["all"]))
     for name, s in groups:
-        fw = s.get("fit_weighted", {})
+        fw, fu = s.get("fit_weighted", {}), s.get("fit_unweighted", {})
+        nan = float("nan")
         lines.append(f"| {name} | {s['n']} | {s['spearman_weighted']:.3f} | {s['spearman_unweighted']:.3f} | "
-                     f"{fw.get('slope', float('nan')):.2f} | {fw.get('median_factor', float('nan')):.2f} / "
-                     f"{fw.get('max_factor', float('nan')):.2f} |")
+                     f"{s.get('spearman_bits_per_weight', nan):.3f} | {fw.get('slope', nan):.2f} | "
+                     f"{fw.get('median_factor', nan):.2f} / {fw.get('max_factor', nan):.2f} | "
+                     f"{fu.get('median_factor', nan):.2f} / {fu.get('max_factor', nan):.2f} |")
     lines += ["", "| run | kind | bits/weight | KLD mean | weighted rel. RMSE | rel. RMSE |", "|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: (r["kind"], -r["kld_mean"])):
         w = r.get("weighted_rel_rmse")
@@ -179,10 +197,32 @@ def render_markdown(title: str, result: dict, inspect_result: dict | None = None
     return "\n".join(lines) + "\n"
 
 
+def write_report(out_dir, models: list[tuple[str, str, str, str | None]], path) -> None:
+    """ANALYSIS.md: one section per (slug, base F32 GGUF, imatrix, quantized-tensor cache dir)."""
+    parts = [
+        "# Simulated weight error vs measured KLD",
+        "",
+        "Generated by `python -m predictor.measure.analysis` from `runs/*/*.json` (see the module docstring",
+        "for the definitions). KLD is the token-weighted mean over the prose, code and GSM8K-solution",
+        "texts of each run. Weight errors are exact (every row), computed from the F32 base and the run's",
+        "per-tensor types; they equal `quantpredict inspect --exact` to all printed digits. The",
+        "imatrix-weighted error covers only tensors the imatrix has entries for (not token_embd/output).",
+        "`median / max factor`: how far the log-log fit's KLD is from the measured one.",
+        "",
+    ]
+    for slug, base, imat, cache_dir in models:
+        res = compare(out_dir, slug, base, imat, quant_cache_dir=cache_dir)
+        parts.append(render_markdown(slug, res))
+    Path(path).write_text("\n".join(parts))
+
+
 if __name__ == "__main__":
     import sys
 
-    out_dir, slug, base, imat = sys.argv[1:5]
-    res = compare(out_dir, slug, base, imat)
-    ins = compare_inspect(out_dir, slug, base, imat)
-    print(render_markdown(slug, res, ins))
+    # python -m predictor.measure.analysis OUT_DIR REPORT.md SLUG:BASE_F32:IMATRIX[:CACHE_DIR] ...
+    out_dir, report = sys.argv[1:3]
+    specs = []
+    for arg in sys.argv[3:]:
+        bits = arg.split(":")
+        specs.append((bits[0], bits[1], bits[2], bits[3] if len(bits) > 3 else None))
+    write_report(out_dir, specs, report)

@@ -149,8 +149,12 @@ def _upsert(path: Path, rows: list[dict], columns: list[str]) -> None:
     if not rows:
         return
     import fcntl
+    import hashlib
+    import tempfile
 
-    with open(path.parent / ".measure.lock", "w") as lock:
+    # the lock lives outside OUT so that no stray file lands in the results folder
+    key = hashlib.sha256(os.fspath(path.parent.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"quantpredict-measure-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         _upsert_locked(path, rows, columns)
 
