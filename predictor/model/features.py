@@ -46,14 +46,7 @@ _INT_FAMILIES = {"rtn", "gptq", "awq", "autoround", "hqq", "omniquant", "mlx", "
 # Models we measured ourselves (training_data/measured) that registry.csv does not list yet.
 # Facts from each repo's config.json; tokens from the model cards (SmolLM2: 2T for 135M;
 # Gemma 3 270M: 6T). To be moved into registry.csv by the data owner.
-EXTRA_REGISTRY: list[dict] = [
-    dict(model="HuggingFaceTB/SmolLM2-135M-Instruct", family="smollm2", variant="instruct",
-         gguf_arch="llama", n_layers=30, hidden_size=576, ffn_size=1536, n_heads=9, n_kv_heads=3,
-         vocab_size=49152, tied_embeddings=True, n_params_b=0.135, train_tokens_t=2.0),
-    dict(model="google/gemma-3-270m", family="gemma3", variant="base", gguf_arch="gemma3",
-         n_layers=18, hidden_size=640, ffn_size=2048, n_heads=4, n_kv_heads=1, vocab_size=262144,
-         tied_embeddings=True, n_params_b=0.268, train_tokens_t=6.0),
-]
+EXTRA_REGISTRY: list[dict] = []  # models measured before the curated registry lists them (none now)
 
 
 @dataclass
