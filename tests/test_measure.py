@@ -310,3 +310,13 @@ def test_rank_correlation_and_loglog_fit():
     assert fit["slope"] == pytest.approx(2.0) and fit["median_factor"] == pytest.approx(1.0)
     noisy = loglog_fit(x, 3.0 * x**2 * np.array([1, 2, 1, 0.5, 1]))
     assert 1.0 < noisy["median_factor"] <= noisy["max_factor"] < 2.0
+
+
+def test_low_exact_match_baseline_is_flagged():
+    from predictor.measure.sweep import flag_low_exact_match
+
+    low, ok = {"baseline_score": 5.0, "unreliable": False}, {"baseline_score": 62.5, "unreliable": False}
+    flag_low_exact_match(low)
+    flag_low_exact_match(ok)
+    assert low["unreliable"] and "5%" in low["unreliable_reason"]
+    assert not ok["unreliable"]

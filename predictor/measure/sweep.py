@@ -24,7 +24,7 @@ from typing import Callable
 
 import polars as pl
 
-from predictor.data.rows import flag_near_chance, relative_drop, row_id
+from predictor.data.rows import add_reason, flag_near_chance, relative_drop, row_id
 from predictor.errors import UsageError
 from predictor.measure.engine import Engine, engine_version, load_llama_cpp
 from predictor.measure.evaluate import evaluate_base, evaluate_quant
@@ -48,6 +48,8 @@ RUN_COLUMNS = ("run", "model", "quant", "imatrix", "ablation_group", "ablation_t
                "seconds_quantize", "seconds_eval", "measured_at")
 _LEGACY = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 _CHANCE = {"arc_easy": 25.0, "arc_challenge": 25.0, "hellaswag": 25.0, "mmlu": 25.0}
+# Exact-match tasks have no chance level; under this baseline a handful of items decides the drop.
+MIN_EXACT_MATCH_BASELINE_PCT = 10.0
 _CATEGORY = {"arc_easy": "reasoning", "arc_challenge": "reasoning", "hellaswag": "reasoning", "mmlu": "knowledge",
              "arithmetic": "math"}
 
@@ -255,9 +257,18 @@ def _measurement_rows(cfg, ctx, run: Run, result: dict, quant: str) -> list[dict
                      f"{ctx['provenance']}"),
         })
         flag_near_chance(r, _CHANCE.get(task))
+        if task == "arithmetic":
+            flag_low_exact_match(r)
         r["row_id"] = row_id(r, _MEAS_ID_FIELDS)
         rows.append(r)
     return rows
+
+
+def flag_low_exact_match(row: dict) -> None:
+    """Flag an exact-match row whose baseline is too low for its relative drop to mean anything."""
+    if row.get("baseline_score") is not None and row["baseline_score"] < MIN_EXACT_MATCH_BASELINE_PCT:
+        add_reason(row, f"baseline exact match {row['baseline_score']:g}% is under "
+                        f"{MIN_EXACT_MATCH_BASELINE_PCT:g}%: a few items decide the relative drop")
 
 
 # -- the sweep ------------------------------------------------------------------------------------
