@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
+from cli.progress import stderr_progress
 from predictor.api import inspect_model
 from predictor.features.weight_error import DEFAULT_SAMPLE_WEIGHTS
 
 ROLE_COLUMNS = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "token_embd", "output"]
-
-
-def _progress(i: int, n: int, name: str) -> None:
-    """Live counter on a terminal; a line per tenth of the tensors otherwise (logs stay short)."""
-    if sys.stderr.isatty():
-        end = "\n" if i == n else ""
-        sys.stderr.write(f"\rsampling tensors {i}/{n} {name[:40]:<40}{end}")
-    elif n and (i == n or i % max(1, n // 10) == 0):
-        sys.stderr.write(f"sampling tensors {i}/{n}\n")
-    sys.stderr.flush()
 
 
 @click.command("inspect")
@@ -48,7 +38,7 @@ def command(model, imatrix, presets, exact, sample_weights, seed, fmt, show_tens
         exact=exact,
         sample_weights=sample_weights,
         seed=seed,
-        progress=_progress,
+        progress=stderr_progress("sampling tensors"),
     )
     if fmt == "json":
         d = report.as_dict()

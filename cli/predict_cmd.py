@@ -5,22 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
 
 import click
 
+from cli.progress import stderr_progress
 from predictor.model.predict import DEFAULT_TOLERANCE, KV_BYTES_PER_ELEMENT, TASKS, plot_predictions, predict
 
 GIB = 2**30
-
-
-def _progress(i: int, n: int, name: str) -> None:
-    if sys.stderr.isatty():
-        end = "\n" if i == n else ""
-        sys.stderr.write(f"\rreading weights {i}/{n} {name[:40]:<40}{end}")
-    elif n and (i == n or i % max(1, n // 10) == 0):
-        sys.stderr.write(f"reading weights {i}/{n}\n")
-    sys.stderr.flush()
 
 
 def _imatrix_arg(value: str | None):
@@ -95,7 +86,7 @@ def command(model, task, imatrix, memory, context, kv_type, tolerance, train_tok
     """
     res = predict(model, task=task, imatrix=_imatrix_arg(imatrix), memory=memory, context=context,
                   kv_type=kv_type, tolerance=tolerance, train_tokens=train_tokens, model_dir=model_dir,
-                  progress=_progress)
+                  progress=stderr_progress("reading weights"))
     results = res if isinstance(res, list) else [res]
     if fmt == "json":
         obj = [r.as_dict() for r in results] if isinstance(res, list) else res.as_dict()

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from predictor.family.tokenizer import BOS_ID, EOS_ID, UNK_ID, gguf_vocab
+from predictor.io.gguf import write_staged_gguf
 
 __all__ = ["write_family_gguf", "export_checkpoint", "llama_cpp_logits", "llama_cpp_tokenize"]
 
@@ -56,12 +57,7 @@ def write_family_gguf(path: str | os.PathLike, tensors: dict[str, np.ndarray], c
         w.add_string(f"quantpredict.family.{k}", str(v))
     for tname, x in tensors.items():
         w.add_tensor(tname, np.ascontiguousarray(x, dtype=np.float32))
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-    finally:
-        w.close()
+    write_staged_gguf(w)
     tmp.replace(path)
     return path
 

@@ -123,6 +123,16 @@ class GGUFHeader:
     file_size: int
 
 
+def write_staged_gguf(writer) -> None:
+    """Write a `gguf.GGUFWriter` whose KV pairs and tensors are all added, then close it (also on error)."""
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+
+
 def is_gguf(path: str | os.PathLike) -> bool:
     """True when the file starts with the GGUF magic (no other check)."""
     try:

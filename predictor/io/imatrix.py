@@ -24,7 +24,7 @@ import numpy as np
 
 from predictor.errors import InputFileError, MismatchError, UsageError
 from predictor.io.base import TensorInfo
-from predictor.io.gguf import GGUF_MAGIC, open_gguf
+from predictor.io.gguf import GGUF_MAGIC, open_gguf, write_staged_gguf
 
 __all__ = ["Imatrix", "read_imatrix", "write_imatrix_gguf"]
 
@@ -354,9 +354,4 @@ def write_imatrix_gguf(
     for name, s, c in prepared:
         w.add_tensor(f"{name}.in_sum2", np.ascontiguousarray(s))
         w.add_tensor(f"{name}.counts", np.ascontiguousarray(c))
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-    finally:
-        w.close()
+    write_staged_gguf(w)

@@ -140,17 +140,23 @@ class Engine:
             return np.empty((0, self.n_vocab), dtype=np.float32)
         return np.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
 
-    def _eval_prefix(self, prefix: Sequence[int]) -> np.ndarray:
-        """Put `prefix` in the cache (sequence 0), reusing what is there; logits of its last token (1, V)."""
+    def _reuse_cache(self, tokens: Sequence[int], limit: int) -> int:
+        """Keep the cached tokens that `tokens` starts with (at most `limit`), drop the rest of the KV
+        cache; returns how many are kept."""
         common = 0
-        limit = min(len(self._cached), len(prefix) - 1)
-        while common < limit and self._cached[common] == prefix[common]:
+        limit = min(len(self._cached), limit)
+        while common < limit and self._cached[common] == tokens[common]:
             common += 1
         mem = self._L.llama_get_memory(self._ctx)
         if common == 0:
             self._L.llama_memory_clear(mem, True)
         else:
             self._L.llama_memory_seq_rm(mem, 0, common, -1)
+        return common
+
+    def _eval_prefix(self, prefix: Sequence[int]) -> np.ndarray:
+        """Put `prefix` in the cache (sequence 0), reusing what is there; logits of its last token (1, V)."""
+        common = self._reuse_cache(prefix, len(prefix) - 1)
         todo = list(prefix[common:])
         out = self._decode(todo, common, [i == len(todo) - 1 for i in range(len(todo))])
         self._cached = list(prefix)
@@ -164,15 +170,7 @@ class Engine:
         if len(seq) > self.n_ctx:
             raise UsageError(f"sequence of {len(seq)} tokens exceeds the context of {self.n_ctx}")
         # reuse the cached common prefix, but re-evaluate at least the token before the continuation
-        common = 0
-        limit = min(len(self._cached), len(prefix) - 1)
-        while common < limit and self._cached[common] == seq[common]:
-            common += 1
-        mem = self._L.llama_get_memory(self._ctx)
-        if common == 0:
-            self._L.llama_memory_clear(mem, True)
-        else:
-            self._L.llama_memory_seq_rm(mem, 0, common, -1)
+        common = self._reuse_cache(seq, len(prefix) - 1)
         todo = seq[common:-1]  # the last token's logits predict nothing we score
         first_scored = len(prefix) - 1 - common
         flags = [i >= first_scored for i in range(len(todo))]
