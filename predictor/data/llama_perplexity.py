@@ -38,6 +38,7 @@ from pathlib import Path
 
 from predictor.data.quant_names import FILE_TYPE_NAMES
 from predictor.data.rows import sha256_file
+from predictor.data.store import read_capped_bytes
 from predictor.errors import InputFileError
 
 MAX_LOG_BYTES = 64 * 1024 * 1024
@@ -100,13 +101,7 @@ def _finite(text: str, path: Path, what: str) -> float:
 def read_perplexity_log(path: str | os.PathLike) -> PerplexityLog:
     """Parse a llama-perplexity log. Raises InputFileError if it has no final result or a truncated summary."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise InputFileError(path, f"cannot read ({exc.strerror})", "check the path") from None
-    if size > MAX_LOG_BYTES:
-        raise InputFileError(path, f"{size} bytes is too large for a llama-perplexity log", FIX)
-    raw = path.read_bytes()
+    raw = read_capped_bytes(path, MAX_LOG_BYTES, "a llama-perplexity log", FIX)
     if b"\x00" in raw:
         raise InputFileError(path, "is a binary file, not a llama-perplexity log", FIX)
     text = raw.decode("utf-8", errors="replace")

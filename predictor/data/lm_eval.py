@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from predictor.data.rows import sha256_file
+from predictor.data.store import read_capped_bytes
 from predictor.errors import InputFileError
 
 MAX_RESULTS_BYTES = 64 * 1024 * 1024  # results files are KBs; per-sample logs are separate files
@@ -103,13 +104,7 @@ def _model_name(data: dict) -> str | None:
 def read_lm_eval_results(path: str | os.PathLike) -> LmEvalRun:
     """Parse one results JSON. Malformed input raises InputFileError (one line: file, problem, fix)."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise InputFileError(path, f"cannot read ({exc.strerror})", "check the path") from None
-    if size > MAX_RESULTS_BYTES:
-        raise InputFileError(path, f"{size} bytes is too large for an lm-eval results file", FIX)
-    raw = path.read_bytes()
+    raw = read_capped_bytes(path, MAX_RESULTS_BYTES, "an lm-eval results file", FIX)
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

@@ -111,6 +111,17 @@ def empty_table(table: str) -> pl.DataFrame:
     return pl.DataFrame(schema=SCHEMAS[table])
 
 
+def read_capped_bytes(path: Path, max_bytes: int, what: str, fix: str) -> bytes:
+    """The bytes of a result file, refusing (one line, before reading) anything over `max_bytes`."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise InputFileError(path, f"cannot read ({exc.strerror})", "check the path") from None
+    if size > max_bytes:
+        raise InputFileError(path, f"{size} bytes is too large for {what}", fix)
+    return path.read_bytes()
+
+
 def read_table(path: str | os.PathLike, table: str) -> pl.DataFrame:
     """Read one CSV table and validate it. Every column is read as text first, then cast, so a bad
     value is reported by column and row instead of as a polars parse error."""
