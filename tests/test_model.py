@@ -10,11 +10,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from predictor.errors import InputFileError
+from predictor.errors import InputFileError, SchemaError
 from predictor.model import quantspec as qs
-from predictor.model.estimator import DistortionModel, DropRegressor
+from predictor.model.estimator import BaseCurve, DistortionModel, DropRegressor
 from predictor.model.features import STAGE_B_FEATURES, build_tables
-from predictor.model.train import BOOSTER_FILES, fit_predictor, load_model, stage_b_matrix, train
+from predictor.model.train import BASE_FILE, BOOSTER_FILES, fit_predictor, load_model, stage_b_matrix, train
 from predictor.model.validate import _pick, folklore_drop, ranking_metrics
 from predictor.quant.recipes import RecipeModel
 
@@ -86,26 +86,51 @@ def test_stage_a_roundtrip_and_physics(small_tables):
     np.testing.assert_array_equal(sa.predict(X), again.predict(X))
 
 
-def test_drop_regressor_text_roundtrip_and_monotone(small_tables):
+@pytest.mark.parametrize("base", [None, ["log_kld", "task_category"]])
+def test_drop_regressor_text_roundtrip_and_monotone(small_tables, base):
     rng = np.random.default_rng(0)
     n = 400
-    X = np.column_stack([rng.uniform(-8, 1, n), rng.integers(0, 5, n), rng.uniform(-1, 4, n), rng.uniform(2, 8, n)])
+    X = np.column_stack([rng.uniform(-8, 1, n), rng.integers(0, 5, n), rng.uniform(-1, 4, n), rng.uniform(2, 8, n),
+                         rng.integers(0, 2, n)])
     y = np.exp(X[:, 0]) * 20 + rng.normal(0, 1, n)
     m = DropRegressor(feature_names=STAGE_B_FEATURES, categorical=["task_category"],
-                      monotone_increasing=["log_kld"], n_estimators=60).fit(X, y)
-    grid = np.column_stack([np.linspace(-8, 1, 30), np.full(30, 2.0), np.full(30, 1.0), np.full(30, 5.0)])
+                      monotone_increasing=["log_kld"], n_estimators=60, base=base).fit(X, y)
+    grid = np.column_stack([np.linspace(-8, 1, 30), np.full(30, 2.0), np.full(30, 1.0), np.full(30, 5.0),
+                            np.ones(30)])
     mid, lo, hi = m.predict(grid)
     assert np.all(np.diff(mid) >= -1e-9)
     assert np.all(lo <= mid) and np.all(mid <= hi)
-    again = DropRegressor.from_texts(m.model_texts(), m.get_params())
+    again = DropRegressor.from_texts(m.model_texts(), m.get_params(), m.base_dict())
     for a, b in zip(m.predict(grid), again.predict(grid)):
         np.testing.assert_array_equal(a, b)
+    if base:
+        with pytest.raises(SchemaError):
+            DropRegressor.from_texts(m.model_texts(), m.get_params(), None)
+
+
+def test_base_curve_recovers_per_category_sensitivity():
+    """drop = top_g (1 - exp(-exp(a_g + b ln KLD))): a sparse category keeps its own, steeper curve."""
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-6, 1, 600)
+    g = np.where(np.arange(600) < 60, 0, 2)  # category 0 (math) has 10x fewer rows
+    a = np.where(g == 0, 1.5, 0.0)
+    top = np.where(g == 0, 100.0, 60.0)
+    y = top * -np.expm1(-np.exp(a + 1.2 * x)) + rng.normal(0, 0.5, 600)
+    c = BaseCurve().fit(x, g, y, np.ones(600))
+    assert c.b_ == pytest.approx(1.2, rel=0.1)
+    assert c.a_[0] == pytest.approx(1.5, abs=0.3) and c.a_[2] == pytest.approx(0.0, abs=0.2)
+    assert c.top_[2] == pytest.approx(60.0, abs=3.0)
+    pred = c.predict(np.array([-3.0, -3.0, -3.0]), np.array([0, 2, 5]))  # 5: unseen -> shared
+    assert pred[0] > pred[1] > 0 and np.isfinite(pred[2])
+    assert BaseCurve.from_dict(c.to_dict()).predict(x[:5], g[:5]).tolist() == c.predict(x[:5], g[:5]).tolist()
+    with pytest.raises(SchemaError):
+        BaseCurve.from_dict({"kind": "cloglog"})
 
 
 def test_train_is_deterministic_and_pickle_free(small_tables, tmp_path):
     d1 = train(None, tmp_path / "m1", validate=False, tables=small_tables)
     d2 = train(None, tmp_path / "m2", validate=False, tables=small_tables)
-    for name in ("stage_a.json", *BOOSTER_FILES):
+    for name in ("stage_a.json", BASE_FILE, *BOOSTER_FILES):
         assert (d1 / name).read_bytes() == (d2 / name).read_bytes(), name
     c1, c2 = json.loads((d1 / "card.json").read_text()), json.loads((d2 / "card.json").read_text())
     c1.pop("name"), c2.pop("name")
@@ -129,7 +154,7 @@ def test_shipped_model_loads_and_is_text_only():
     p = load_model(d)
     assert p.card["validation"] is not None
     assert set(p.conformal) == {"model", "family"}
-    assert sorted(f.name for f in d.iterdir()) == sorted(["README.md", "card.json", "stage_a.json", *BOOSTER_FILES])
+    assert sorted(f.name for f in d.iterdir()) == sorted(["README.md", "card.json", "stage_a.json", BASE_FILE, *BOOSTER_FILES])
     for src in (REPO / "predictor" / "model").glob("*.py"):
         text = src.read_text()
         assert "import pickle" not in text and "joblib" not in text

@@ -39,7 +39,9 @@ STAGE_A_FEATURES = ["log_ref_mse", "imatrix", "log_params", "log_tpp", "tpp_miss
                     *[f"method_{m}" for m in qs.METHOD_CLASSES if m != "llama.cpp"]]
 # The baseline score is not a feature: a user asking before download does not have it, and a
 # feature that is always missing at prediction time only shifts the trees' missing-value branch.
-STAGE_B_FEATURES = ["log_kld", "task_category", "log_params", "log_tpp"]
+# is_gguf: a llama.cpp preset (every prediction is one) rather than an RTN/GPTQ/AWQ... row; the
+# training rows of the two kinds come from different eras of models and lets the trees keep them apart.
+STAGE_B_FEATURES = ["log_kld", "task_category", "log_params", "log_tpp", "is_gguf"]
 DEFAULT_TPP_LOG = math.log(100.0)  # stand-in for unknown tokens/param in the linear stage
 _INT_FAMILIES = {"rtn", "gptq", "awq", "autoround", "hqq", "omniquant", "mlx", "bnb", "exl2", "other"}
 

@@ -315,7 +315,7 @@ def predict(
     for n, plan in plans.items():
         rel = errors.get(n, plan.ref_rmse)
         rows.append({"preset": n, "log_ref_mse": 2 * math.log(max(rel, 1e-6)), "imatrix": float(has_imatrix),
-                     "log_params": math.log(params_b), "log_tpp": log_tpp,
+                     "log_params": math.log(params_b), "log_tpp": log_tpp, "is_gguf": 1.0,
                      **{f"method_{m}": 0.0 for m in qs.METHOD_CLASSES if m != "llama.cpp"}})
     feats = pl.DataFrame(rows)
     log_kld = pred.log_kld(feats)
