@@ -116,19 +116,28 @@ def list_cmd(family, runs):
               help="`quantpredict measure` output folder (distortion.csv, measurements.csv, runs.csv).")
 @click.option("--imatrix", type=click.Choice(["no", "yes"]), default="no", show_default=True,
               help="Which measured runs to show.")
+@click.option("--predicted", "runs", type=click.Path(exists=True, file_okay=False),
+              help="Run folder of `family train` (RUNS/NAME/model.gguf): show the predictor's weights-tier KLD "
+                   "beside the measured one instead of the training facts.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-def report_cmd(records, measured, imatrix, fmt):
+def report_cmd(records, measured, imatrix, runs, fmt):
     """One row per trained model: training facts, KLD at a few presets, arithmetic accuracy.
 
     \b
     Example:
-      quantpredict family report --measured training_data/measured --format csv
+      quantpredict family report --measured training_data/measured/family --format csv
+      quantpredict family report --measured training_data/measured/family --predicted /work/family_runs
     """
     import polars as pl
 
-    from predictor.family.report import build_family_table
+    from predictor.family.report import build_family_table, predicted_kld_table
 
-    df = build_family_table(records, measured, imatrix=imatrix)
+    if runs:
+        imatrix_dir = Path(measured) / "imatrix" if measured else None
+        df = predicted_kld_table(records, runs, imatrix=imatrix, imatrix_dir=imatrix_dir, measured_dir=measured,
+                                 progress=lambda n: click.echo(f"predicting {n}", err=True))
+    else:
+        df = build_family_table(records, measured, imatrix=imatrix)
     if fmt == "csv":
         click.echo(df.write_csv(), nl=False)
     elif fmt == "json":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import numpy as np
@@ -145,3 +146,34 @@ def test_report_joins_records_and_measurements(tmp_path):
     assert row["kld_prose_Q4_K_M"] == 0.003 and row["kld_prose_Q2_K"] is None
     assert row["arith_base"] == 40.0 and row["arith_Q2_K"] == 25.0 and row["measure_s"] == 24.0
     assert build_family_table(tmp_path / "rec", tmp_path, imatrix="yes").to_dicts()[0]["kld_prose_Q4_K_M"] == 0.002
+
+
+def test_report_predicted_kld_beside_measured(tmp_path):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+    from predictor.family.report import REPORT_PRESETS, predicted_kld_table
+    from predictor.fixtures.gguf import write_tiny_gguf
+
+    rec = {"name": "m1", "n_params": 700_000, "tokens_seen": 2_800_000}
+    (tmp_path / "rec").mkdir()
+    (tmp_path / "rec" / "m1.json").write_text(json.dumps(rec))
+    (tmp_path / "rec" / "m2.json").write_text(json.dumps(dict(rec, name="m2")))  # no GGUF: skipped
+    (tmp_path / "runs" / "m1").mkdir(parents=True)
+    write_tiny_gguf(tmp_path / "runs" / "m1" / "model.gguf", hidden=256, ffn=512, vocab=96)
+    (tmp_path / "meas").mkdir()
+    (tmp_path / "meas" / "distortion.csv").write_text(
+        "model,quant,imatrix,metric,dataset,value\n"
+        "m1,Q4_K_M,no,kld_mean,Project Gutenberg novels,0.01\n"
+        "m1,Q2_K,no,kld_mean,Project Gutenberg novels,0.2\n")
+    df = predicted_kld_table(tmp_path / "rec", tmp_path / "runs", measured_dir=tmp_path / "meas")
+    assert df["model"].to_list() == ["m1"] and df["tier"][0] == "weights"
+    row = df.to_dicts()[0]
+    preds = [row[f"pred_kld_{q}"] for q in REPORT_PRESETS]  # Q8_0 ... Q2_K: distortion grows
+    assert all(a < b for a, b in zip(preds, preds[1:]))
+    logs = [math.log(row["pred_kld_Q4_K_M"] / 0.01), math.log(row["pred_kld_Q2_K"] / 0.2)]
+    assert row["log_ratio_mean"] == pytest.approx(sum(logs) / 2)
+    out = CliRunner().invoke(cli, ["family", "report", "--records", str(tmp_path / "rec"), "--measured",
+                                    str(tmp_path / "meas"), "--predicted", str(tmp_path / "runs"), "--format", "csv"])
+    assert out.exit_code == 0, out.output
+    assert "pred_kld_Q2_K" in out.output.splitlines()[-2]

@@ -153,7 +153,7 @@ def test_shipped_model_loads_and_is_text_only():
     d = REPO / "models" / "default"
     p = load_model(d)
     assert p.card["validation"] is not None
-    assert set(p.conformal) == {"model", "family"}
+    assert set(p.conformal) == {"model", "family", "model_other_methods", "family_other_methods"}
     assert sorted(f.name for f in d.iterdir()) == sorted(["README.md", "card.json", "stage_a.json", BASE_FILE, *BOOSTER_FILES])
     for src in (REPO / "predictor" / "model").glob("*.py"):
         text = src.read_text()
@@ -182,3 +182,34 @@ def test_folklore_and_recommendation_metrics():
     assert rho == pytest.approx(1.0) and agree == 1.0 and n_rho == n_rec == 1
     rho, agree, _, _ = ranking_metrics(df, "flat")
     assert rho == 0.0 and agree == 0.0  # "no drop" picks the smallest file, the measurements do not
+
+
+def test_noisy_measured_rows_count_less(type_ref):
+    """Rows with standard errors get noise_pp = 100 * hypot(se_base, se_quant) / base and a weight
+    cut by 1 / (1 + (noise / NOISE_REF_PP)^2) against an otherwise identical row."""
+    from predictor.model.features import NOISE_REF_PP
+
+    b = build_tables(REPO / "training_data", type_ref=type_ref).stage_b
+    noisy = b.filter(pl.col("noise_pp") > 0)
+    assert noisy.height and (noisy.get_column("src") == "measured").all()
+    r = noisy.row(0, named=True)
+    same_model = b.filter(pl.col("model") == r["model"])
+    n = same_model.height
+    expected = (1 / math.sqrt(n)) * (5.0 if r["is_gguf"] else 1.0) / (1 + (r["noise_pp"] / NOISE_REF_PP) ** 2)
+    assert r["weight"] == pytest.approx(expected)
+
+
+def test_conformal_halfwidths_are_per_kind_of_row(small_tables):
+    from predictor.model.validate import cross_validate
+
+    cv = cross_validate(small_tables)
+    assert set(cv.conformal) == {"model", "family", "model_other_methods", "family_other_methods"}
+    for scheme, df in cv.oof.items():
+        widen = (df.get_column("hi") - df.get_column("hi_raw")).to_numpy()
+        gguf = df.get_column("is_gguf").to_numpy()
+        fold = df.get_column("fold").to_numpy()
+        for k in np.unique(fold):  # one widening per (fold, kind of row)
+            for kind in (gguf, ~gguf):
+                sel = (fold == k) & kind
+                if sel.any():
+                    assert np.ptp(widen[sel]) < 1e-9

@@ -42,6 +42,7 @@ STAGE_A_FEATURES = ["log_ref_mse", "imatrix", "log_params", "log_tpp", "tpp_miss
 # is_gguf: a llama.cpp preset (every prediction is one) rather than an RTN/GPTQ/AWQ... row; the
 # training rows of the two kinds come from different eras of models and lets the trees keep them apart.
 STAGE_B_FEATURES = ["log_kld", "task_category", "log_params", "log_tpp", "is_gguf"]
+NOISE_REF_PP = 3.0  # measurement noise (pp of relative drop) at which a row counts half
 DEFAULT_TPP_LOG = math.log(100.0)  # stand-in for unknown tokens/param in the linear stage
 _INT_FAMILIES = {"rtn", "gptq", "awq", "autoround", "hqq", "omniquant", "mlx", "bnb", "exl2", "other"}
 
@@ -281,6 +282,11 @@ def build_tables(training_dir: str | Path | None = None, *, type_ref: Mapping[st
         chance = task.chance_pct if task and task.chance_pct is not None else 0.0
         base = r["baseline_score"]
         headroom = (base - chance) / max(1e-6, 100.0 - chance) if base is not None else float("nan")
+        # Measurement noise of the relative drop (pp), where the row reports standard errors
+        # (unpaired: an upper bound for our paired measurements); unknown -> 0.
+        bse, qse = r.get("baseline_stderr"), r.get("quant_stderr")
+        noise = (100.0 * math.hypot(bse, qse) / base if base and bse is not None and qse is not None
+                 and math.isfinite(bse) and math.isfinite(qse) else 0.0)
         group = "|".join(str(r[k]) for k in ("source", "source_location", "task", "metric", "metric_filter", "n_shot"))
         b_rows.append(dict(
             model=model, family=f.family or model, quant=r["quant"], task=r["task"],
@@ -288,7 +294,7 @@ def build_tables(training_dir: str | Path | None = None, *, type_ref: Mapping[st
             ref_rmse=d["ref_rmse"], log_ref_mse=2 * math.log(d["ref_rmse"]),
             bpw_eff=d["bpw_eff"] if d["bpw_eff"] is not None else d["nominal_bits"] + 0.5,
             nominal_bits=d["nominal_bits"], is_gguf=d["is_gguf"], log_params=f.log_params, log_tpp=f.log_tpp,
-            baseline_score=base, baseline_headroom=headroom, src=r["_src"],
+            baseline_score=base, baseline_headroom=headroom, noise_pp=noise, src=r["_src"],
             group=f"{model}|{r['imatrix']}|{group}",
             y=float(np.clip(r["relative_drop_pct"], -30.0, 100.0)),
             **_method_onehot(d["method_class"]),
@@ -297,10 +303,12 @@ def build_tables(training_dir: str | Path | None = None, *, type_ref: Mapping[st
         notes.append(f"{skipped} accuracy rows had no describable quantization or model size and were left out")
     stage_b = pl.DataFrame(b_rows)
     n_per_model = stage_b.group_by("model").len().rename({"len": "_n"})
-    # Each model counts about equally (sqrt damping), llama.cpp presets count double: they are
-    # what the predictor is asked about.
+    # Each model counts about equally (sqrt damping), llama.cpp presets count 5x: they are
+    # what the predictor is asked about. Rows whose own standard errors say the drop is mostly
+    # noise count less: 1 / (1 + (noise / NOISE_REF_PP)^2).
     stage_b = stage_b.join(n_per_model, on="model", maintain_order="left").with_columns(
-        ((1.0 / pl.col("_n").cast(pl.Float64).sqrt()) * pl.when(pl.col("is_gguf")).then(2.0).otherwise(1.0))
+        ((1.0 / pl.col("_n").cast(pl.Float64).sqrt()) * pl.when(pl.col("is_gguf")).then(5.0).otherwise(1.0)
+         / (1.0 + (pl.col("noise_pp") / NOISE_REF_PP) ** 2))
         .alias("weight")).drop("_n")
 
     files = [directory / f for f in ("measurements.csv", "distortion.csv", "registry.csv")]

@@ -58,7 +58,7 @@ class Predictor:
     stage_a: DistortionModel
     stage_b: DropRegressor
     type_ref: dict[str, float]
-    conformal: dict[str, float]  # extra half-width (pp) of the 80% interval: 'model' / 'family' held out
+    conformal: dict[str, float]  # extra half-width (pp) of the 80% interval on llama.cpp presets: 'model' / 'family' held out
     card: dict
 
     def log_kld(self, feats: pl.DataFrame) -> np.ndarray:
@@ -151,7 +151,8 @@ def train(training_dir: str | os.PathLike | None = None, out_dir: str | os.PathL
         "card_version": CARD_VERSION,
         "name": out.name,
         "target": {"stage_b": TARGET_DEFINITION, "stage_a": STAGE_A_TARGET,
-                   "interval": "80% (quantile boosters at 0.1/0.9, widened by split-conformal half-widths)"},
+                   "interval": "80% (quantile boosters at 0.1/0.9, widened by split-conformal half-widths "
+                               "measured on the llama.cpp rows)"},
         "features": {"stage_a": STAGE_A_FEATURES, "stage_b": STAGE_B_FEATURES,
                      "task_category_codes": CATEGORY_CODE},
         "stage_b_params": {k: v for k, v in sb.get_params().items()},
