@@ -146,3 +146,44 @@ def report_cmd(records, measured, imatrix, runs, fmt):
         with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=250, float_precision=4,
                        tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
             click.echo(str(df))
+
+
+@command.command("probe")
+@click.argument("gguf", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model-id", required=True, help="Name written on every row (e.g. fam-xs-tp8).")
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False),
+              help="Also probe every preset quantized with this imatrix.")
+@click.option("-p", "--preset", "presets", multiple=True,
+              help="Preset(s) without imatrix (default: Q8_0 Q5_K_M Q4_K_M Q3_K_M Q2_K).")
+@click.option("--imatrix-preset", "imatrix_presets", multiple=True,
+              help="Preset(s) with --imatrix (default: Q2_K IQ2_XXS IQ1_S, into collapse).")
+@click.option("--math-items", default=200, show_default=True, help="Held-out problems scored.")
+@click.option("-o", "--out", "out_csv", type=click.Path(dir_okay=False), required=True,
+              help="CSV to append the rows to (created with a header if missing; the model's old rows replaced).")
+def probe_cmd(gguf, model_id, imatrix, presets, imatrix_presets, math_items, out_csv):
+    """Math accuracy (teacher-forced answers) and prose/code KLD at each preset, one forward pass.
+
+    For models too small to solve `measure`'s arithmetic; see predictor/family/probe.py.
+
+    \b
+    Example:
+      quantpredict family probe runs/fam-xs-tp8/model.gguf --model-id fam-xs-tp8 \\
+          --imatrix training_data/measured/family/imatrix/fam-xs-tp8.imatrix.gguf \\
+          -o training_data/measured/family/math_probe.csv
+    """
+    import polars as pl
+
+    from predictor.family.probe import PROBE_IMATRIX_PRESETS, PROBE_PRESETS, probe_model
+
+    rows = probe_model(gguf, presets=presets or PROBE_PRESETS, imatrix_path=imatrix, n_math=math_items,
+                       imatrix_presets=imatrix_presets or PROBE_IMATRIX_PRESETS,
+                       progress=lambda s: _echo_err(f"probe {model_id}: {s}"))
+    new = pl.DataFrame([{"model": model_id, **r} for r in rows])
+    out = Path(out_csv)
+    if out.is_file():
+        old = pl.read_csv(out).filter(pl.col("model") != model_id)
+        new = pl.concat([old, new], how="diagonal_relaxed")
+    tmp = out.with_name(out.name + ".part")
+    new.write_csv(tmp)
+    tmp.replace(out)
+    click.echo(f"{len(rows)} rows for {model_id} -> {out}")

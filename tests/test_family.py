@@ -177,3 +177,21 @@ def test_report_predicted_kld_beside_measured(tmp_path):
                                     str(tmp_path / "meas"), "--predicted", str(tmp_path / "runs"), "--format", "csv"])
     assert out.exit_code == 0, out.output
     assert "pred_kld_Q2_K" in out.output.splitlines()[-2]
+
+
+def test_math_probe_scores_answers_and_distortion(tmp_path):
+    from predictor.family.probe import probe_model
+    from predictor.family.tokenizer import N_VOCAB
+    from predictor.fixtures.gguf import write_tiny_gguf
+
+    gguf = tmp_path / "m.gguf"
+    write_tiny_gguf(gguf, hidden=256, ffn=512, vocab=N_VOCAB)
+    rows = probe_model(gguf, presets=["Q8_0", "Q2_K"], n_math=12, n_windows=1, window=32)
+    assert [(r["preset"], r["imatrix"]) for r in rows] == [("base", "no"), ("Q8_0", "no"), ("Q2_K", "no")]
+    base, q8, q2 = rows
+    assert "kld_prose" not in base and base["n_math"] == 12
+    for r in rows:
+        assert 0.0 <= r["math_exact_pct"] <= 100.0 and 0.0 <= r["math_token_acc_pct"] <= 100.0
+        assert r["math_answer_nll"] > 0
+    assert 0 < q8["kld_prose"] < q2["kld_prose"] and 0 < q8["kld_code"] < q2["kld_code"]
+    assert q8["bits_per_weight"] > q2["bits_per_weight"]

@@ -139,7 +139,44 @@ def cross_validate(tables: Tables, *, progress=None) -> CVResult:
             pl.Series("lo", lo - qk), pl.Series("hi", hi + qk), pl.Series("fold", fold))
     res = CVResult(oof, conformal)
     res.summary = summarize(res)
+    res.summary["stage_a"] = cross_validate_stage_a(tables)
+    res.summary["markdown"] += "\n" + res.summary["stage_a"]["markdown"]
     return res
+
+
+def cross_validate_stage_a(tables: Tables) -> dict:
+    """Stage A alone, whole models (then whole families) held out: error of ln(KLD) on the rows that
+    measured KLD (mean |ln(pred/measured)|, i.e. a factor e^x), and the Spearman correlation of the
+    predicted and measured KLD across the quants of each model."""
+    from predictor.model.train import fit_stage_a
+
+    a = tables.stage_a
+    out: dict = {}
+    lines = ["**Stage A (distortion) with whole models / families held out** — rows measuring KLD; "
+             "error is mean |ln(predicted / measured KLD)| (0.69 = a factor 2)", "",
+             "| held out | rows | models | mean abs ln error | median abs ln error | mean Spearman per model |",
+             "|---|---|---|---|---|---|"]
+    for scheme in ("model", "family"):
+        groups = a.get_column(scheme).to_numpy()
+        pred = np.zeros(a.height)
+        for test in _split(groups):
+            mask = np.zeros(a.height, dtype=bool)
+            mask[test] = True
+            sa = fit_stage_a(a.filter(pl.Series(~mask)))
+            pred[test] = sa.predict(stage_a_matrix(a.filter(pl.Series(mask))))
+        d = a.with_columns(pl.Series("pred", pred)).filter(pl.col("is_ppl") == 0.0)
+        err = (d.get_column("pred") - d.get_column("y")).abs()
+        rhos = [_spearman(g.get_column("pred").to_numpy(), g.get_column("y").to_numpy())
+                for _, g in d.group_by("model", "dataset") if g.height >= 3]
+        rhos = [r for r in rhos if not math.isnan(r)]
+        out[scheme] = {"n_rows": d.height, "n_models": d.get_column("model").n_unique(),
+                       "mae_ln_kld": float(err.mean()), "median_ae_ln_kld": float(err.median()),
+                       "spearman_per_model": float(np.mean(rhos)) if rhos else None}
+        o = out[scheme]
+        lines.append(f"| whole {'families' if scheme == 'family' else 'models'} | {o['n_rows']} | {o['n_models']} | "
+                     f"{_f(o['mae_ln_kld'])} | {_f(o['median_ae_ln_kld'])} | {_f(o['spearman_per_model'])} |")
+    out["markdown"] = "\n".join(lines) + "\n"
+    return out
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
