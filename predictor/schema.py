@@ -27,7 +27,7 @@ def _schema(columns: list[Column]) -> pl.Schema:
 # Allowed values of the enumerated string columns.
 TASK_CATEGORIES = ("math", "code", "knowledge", "chat", "reasoning", "creative", "language_modeling")
 IMATRIX_VALUES = ("yes", "no", "unknown")
-ORIGINS = ("published", "ingested")
+ORIGINS = ("published", "ingested", "measured")
 SCORE_UNITS = ("percent", "judge_1to10", "recovery_pct", "raw")
 QUANT_FAMILIES = (
     "gguf-k",  # llama.cpp K-quant presets (Q2_K .. Q6_K and their _S/_M/_L mixes)
@@ -52,7 +52,7 @@ QUANT_FAMILIES = (
 
 MEASUREMENT_COLUMNS: list[Column] = [
     Column("row_id", pl.String, "stable 16-hex id of the row's identity (model, quant, method, imatrix, task, metric, filter, n-shot, source, location)"),
-    Column("origin", pl.String, "'published' (curated from training_data/raw/published) or 'ingested' (added by `quantpredict ingest`)"),
+    Column("origin", pl.String, "'published' (curated from training_data/raw/published), 'ingested' (added by `quantpredict ingest`) or 'measured' (our own runs, `quantpredict measure`)"),
     Column("model", pl.String, "canonical model id, the key of registry.csv (a Hugging Face repo id where one exists)", True),
     Column("model_as_published", pl.String, "the model name exactly as the source wrote it"),
     Column("family", pl.String, "model family from the registry (llama2, qwen3, ...); null if the model is not in the registry"),
@@ -94,7 +94,7 @@ MEASUREMENT_COLUMNS: list[Column] = [
 
 DISTORTION_COLUMNS: list[Column] = [
     Column("row_id", pl.String, "stable 16-hex id of the row's identity (model, quant, method, imatrix, imatrix note, metric, data set, context, source, location)"),
-    Column("origin", pl.String, "'published' or 'ingested'"),
+    Column("origin", pl.String, "'published', 'ingested' or 'measured'"),
     Column("model", pl.String, "canonical model id (registry key); joins measurements on (model, quant, imatrix)", True),
     Column("model_as_published", pl.String, "the model name exactly as the source wrote it"),
     Column("family", pl.String, "model family from the registry"),

@@ -170,6 +170,7 @@ def test_measure_end_to_end_and_resume(tmp_path, tiny_model):
     assert first["done"] == ["Q8_0", "Q2_K", "ablate-attn_v-Q2_K", "Q8_0-imatrix", "Q2_K-imatrix"]
     dist = validate_frame(pl.read_csv(out / "distortion.csv", infer_schema=False), "distortion")
     meas = validate_frame(pl.read_csv(out / "measurements.csv", infer_schema=False), "measurements")
+    assert dist["origin"].unique().to_list() == ["measured"] and meas["origin"].unique().to_list() == ["measured"]
     kld = {(r["quant"], r["imatrix"], r["dataset"]): r["value"]
            for r in dist.filter(pl.col("metric") == "kld_mean").iter_rows(named=True)}
     prose = [k for k in kld if k[0] == "Q8_0" and k[1] == "no" and k[2].startswith("Project Gutenberg")][0][2]
@@ -320,3 +321,38 @@ def test_low_exact_match_baseline_is_flagged():
     flag_low_exact_match(ok)
     assert low["unreliable"] and "5%" in low["unreliable_reason"]
     assert not ok["unreliable"]
+
+
+def test_origin_grid_share_flags_requantizing_onto_the_origin_type(tmp_path):
+    from predictor.fixtures.gguf import write_tiny_gguf
+    from predictor.measure.sweep import _flag_origin_grid, origin_grid_share, reflag_origin_grid
+    from predictor.measure.writer import open_base_gguf, plan_tensor_types
+
+    path = tmp_path / "q8.gguf"
+    write_tiny_gguf(path, hidden=256, ffn=512, vocab=96, tensor_type="Q8_0")
+    src = open_base_gguf(path)
+    same = origin_grid_share(src, plan_tensor_types(src, "Q8_0", has_imatrix=False))
+    other = origin_grid_share(src, plan_tensor_types(src, "Q4_K_M", has_imatrix=False))
+    assert same > 0.9 and other < 0.5
+    f32 = tmp_path / "f32.gguf"
+    write_tiny_gguf(f32, hidden=256, ffn=512, vocab=96)
+    base = open_base_gguf(f32)
+    assert origin_grid_share(base, plan_tensor_types(base, "Q8_0", has_imatrix=False)) == 0.0
+    row = {"unreliable": False, "unreliable_reason": None}
+    _flag_origin_grid(row, other)
+    assert row["unreliable"] is False
+    _flag_origin_grid(row, same)
+    assert row["unreliable"] is True and "origin's grid" in row["unreliable_reason"]
+
+    # rows written before the flag existed get it from reflag_origin_grid
+    out = tmp_path / "measured"
+    out.mkdir()
+    (out / "runs.csv").write_text("run,model,quant,imatrix,ablation_group\nm/Q8_0,m,Q8_0,no,\nm/Q4_K_M,m,Q4_K_M,no,\n")
+    rows = "row_id,model,source_location,unreliable,unreliable_reason\n"
+    rows += "a,m,suite standard; run Q8_0,false,\nb,m,suite standard; run Q4_K_M,false,\nc,x,suite standard; run Q8_0,false,\n"
+    for name in ("distortion.csv", "measurements.csv"):
+        (out / name).write_text(rows)
+    assert reflag_origin_grid(out, "m", path) == 2
+    d = pl.read_csv(out / "distortion.csv", infer_schema=False)
+    assert d.filter(pl.col("unreliable") == "true")["row_id"].to_list() == ["a"]
+    assert reflag_origin_grid(out, "m", path) == 0  # idempotent

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import polars as pl
 
 from predictor.data.rows import add_reason, flag_near_chance, relative_drop, row_id
@@ -183,9 +184,59 @@ def _fmt(v) -> str:
     return str(v)
 
 
+ORIGIN_GRID_FLAG = 0.5  # share of weights written in the type the origin GGUF already had
+
+
+def origin_grid_share(src, tensor_types: dict[str, str]) -> float:
+    """Share of the quantizable weights (by element count) that a plan stores in the very type the
+    source GGUF had: requantizing those lands on the origin's own grid and loses (almost) nothing."""
+    total = same = 0
+    for t in src.tensors:
+        if not is_quantizable(t.name, t.ne):
+            continue
+        n = int(np.prod(t.ne))
+        total += n
+        if t.dtype not in FLOAT_DTYPES and get_type(tensor_types.get(t.name, t.dtype)).name == t.dtype:
+            same += n
+    return same / total if total else 0.0
+
+
+def _flag_origin_grid(row: dict, share: float | None) -> None:
+    if share is not None and share >= ORIGIN_GRID_FLAG:
+        add_reason(row, f"lands on the origin's grid: {100 * share:.0f}% of the weights keep the quantized type "
+                        "the base GGUF was made from, so it loses less than it would from 16-bit weights")
+
+
+def reflag_origin_grid(out_dir: str | os.PathLike, model_id: str, origin_gguf: str | os.PathLike) -> int:
+    """Set the origin-grid flag on the already written preset rows of `model_id` (runs measured before
+    the flag existed); returns how many rows it changed. The plan is recomputed from the origin GGUF."""
+    out = Path(out_dir)
+    src = open_base_gguf(origin_gguf)
+    runs = pl.read_csv(out / "runs.csv", infer_schema=False).filter(
+        (pl.col("model") == model_id) & pl.col("ablation_group").is_null())
+    share = {}
+    for quant, imat, run in runs.select("quant", "imatrix", "run").iter_rows():
+        share[run.split("/", 1)[1]] = origin_grid_share(src, plan_tensor_types(src, quant, has_imatrix=imat == "yes"))
+    changed = 0
+    for name in ("distortion.csv", "measurements.csv"):
+        path = out / name
+        df = pl.read_csv(path, infer_schema=False)
+        rows = df.to_dicts()
+        for r in rows:
+            key = (r.get("source_location") or "").rsplit("; run ", 1)[-1]
+            if r["model"] == model_id and key in share:
+                before = (r["unreliable"], r["unreliable_reason"])
+                r["unreliable"] = r["unreliable"] == "true"
+                _flag_origin_grid(r, share[key])
+                r["unreliable"] = "true" if r["unreliable"] else "false"
+                changed += (r["unreliable"], r["unreliable_reason"]) != before
+        _upsert(path, rows, df.columns)
+    return changed
+
+
 def _common(cfg: MeasureConfig, ctx: dict, run: Run, quant: str) -> dict:
-    return {
-        "origin": "ingested",
+    row = {
+        "origin": "measured",
         "model": ctx["model_id"],
         "model_as_published": ctx["model_name"],
         "family": None,
@@ -208,6 +259,8 @@ def _common(cfg: MeasureConfig, ctx: dict, run: Run, quant: str) -> dict:
         "source_row": None,
         "ingested_at": ctx["date"],
     }
+    _flag_origin_grid(row, ctx.get("origin_grid_share"))
+    return row
 
 
 def _distortion_rows(cfg, ctx, run: Run, result: dict, quant: str) -> list[dict]:
@@ -385,6 +438,7 @@ def measure(cfg: MeasureConfig, *, log: Callable[[str], None] = _log) -> dict:
             "imatrix_note": imatrix_note, "engine": eng_version, "suite": run_suite, "date": _dt.date.today().isoformat(),
             "gguf_file": gguf_path.name, "gguf_sha256": gguf_sha, "base_precision": base_precision,
             "provenance": f"tensor types {counts}; {origin}; base sha256 {base_sha[:16]}",
+            "origin_grid_share": origin_grid_share(src, types) if run.group is None else None,
         }
         dist_rows = _distortion_rows(cfg, ctx, run, result, quant)
         meas_rows = _measurement_rows(cfg, ctx, run, result, quant)
