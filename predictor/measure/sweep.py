@@ -189,10 +189,12 @@ ORIGIN_GRID_FLAG = 0.5  # share of weights written in the type the origin GGUF a
 
 def origin_grid_share(src, tensor_types: dict[str, str]) -> float:
     """Share of the quantizable weights (by element count) that a plan stores in the very type the
-    source GGUF had: requantizing those lands on the origin's own grid and loses (almost) nothing."""
+    source GGUF had: requantizing those lands on the origin's own grid and loses (almost) nothing.
+    token_embd is left out: most presets keep it in the type the origin gave it (Gemma-3-270M's is
+    63% of the model), which would mark every preset of such a model; its type is in the row's mix."""
     total = same = 0
     for t in src.tensors:
-        if not is_quantizable(t.name, t.ne):
+        if not is_quantizable(t.name, t.ne) or t.name == "token_embd.weight":
             continue
         n = int(np.prod(t.ne))
         total += n
