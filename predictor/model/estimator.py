@@ -1,8 +1,8 @@
 """The two learned stages, scikit-learn style, persisted as text (JSON / LightGBM model text).
 
 - `DistortionModel` (Stage A): ridge regression of ln(KLD) on the reference error of the quant's real
-  type mix, imatrix, method class, model size and tokens/parameter. Linear on purpose: the distortion
-  rows come from ~25 models, far too few for trees to generalise to an unseen model, and the physics
+  type mix, imatrix, method class and model size. Linear on purpose: the distortion rows (KLD and
+  PPL) come from ~25 models, far too few for trees to generalise to an unseen model, and the physics
   (KLD grows as a power of the weight error) is close to linear in logs.
 - `DropRegressor` (Stage B): a parametric dose-response curve of the relative drop in distortion,
   one sensitivity per task category (`BaseCurve`), plus LightGBM boosters (0.1 / 0.5 / 0.9) that
@@ -26,7 +26,10 @@ from predictor.errors import SchemaError
 
 
 class DistortionModel:
-    """ln(KLD) ≈ X·coef + intercept (ridge; features standardised; NaN -> training mean)."""
+    """ln(KLD) ≈ X·coef + intercept (ridge; features standardised; NaN -> training mean).
+
+    `predict` clips every feature to the range seen in training: a line fitted on 0.1–400B-parameter
+    models must not be extrapolated to a 1M-parameter one (it predicted KLD 20 at Q2_K there)."""
 
     def __init__(self, *, alpha: float = 1.0, feature_names: Sequence[str] = ()):
         self.alpha = alpha
@@ -38,6 +41,7 @@ class DistortionModel:
         w = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
         self.fill_ = np.array([np.nanmean(c) if np.isfinite(c).any() else 0.0 for c in X.T])
         Xf = np.where(np.isfinite(X), X, self.fill_)
+        self.lo_, self.hi_ = Xf.min(axis=0), Xf.max(axis=0)
         mu = np.average(Xf, axis=0, weights=w)
         sd = np.sqrt(np.average((Xf - mu) ** 2, axis=0, weights=w))
         sd[sd == 0] = 1.0
@@ -55,7 +59,7 @@ class DistortionModel:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)
-        Xf = np.where(np.isfinite(X), X, self.fill_)
+        Xf = np.clip(np.where(np.isfinite(X), X, self.fill_), self.lo_, self.hi_)
         return Xf @ self.coef_ + self.intercept_
 
     def to_dict(self) -> dict:
@@ -66,6 +70,8 @@ class DistortionModel:
             "coef": [float(c) for c in self.coef_],
             "intercept": self.intercept_,
             "fill": [float(f) for f in self.fill_],
+            "low": [float(v) for v in self.lo_],
+            "high": [float(v) for v in self.hi_],
             "resid_sd": self.resid_sd_,
         }
 
@@ -76,6 +82,7 @@ class DistortionModel:
             m.coef_ = np.asarray(d["coef"], dtype=np.float64)
             m.intercept_ = float(d["intercept"])
             m.fill_ = np.asarray(d["fill"], dtype=np.float64)
+            m.lo_, m.hi_ = np.asarray(d["low"], dtype=np.float64), np.asarray(d["high"], dtype=np.float64)
             m.resid_sd_ = float(d["resid_sd"])
         except (KeyError, TypeError, ValueError) as e:
             raise SchemaError(f"stage A model description is malformed ({e}) — retrain with `quantpredict train`") from None

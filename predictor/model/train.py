@@ -31,7 +31,6 @@ import polars as pl
 from predictor.errors import InputFileError, SchemaError
 from predictor.model.estimator import DistortionModel, DropRegressor, json_dumps
 from predictor.model.features import (
-    DEFAULT_TPP_LOG,
     STAGE_A_FEATURES,
     STAGE_B_FEATURES,
     TASK_CATEGORIES,
@@ -74,10 +73,6 @@ class Predictor:
 
 
 def stage_a_matrix(df: pl.DataFrame) -> np.ndarray:
-    """Stage A features; unknown tokens/param -> a typical value plus a 'missing' flag (linear model)."""
-    tpp = pl.col("log_tpp").cast(pl.Float64)
-    df = df.with_columns(tpp.is_nan().cast(pl.Float64).alias("tpp_missing"),
-                         pl.when(tpp.is_nan()).then(DEFAULT_TPP_LOG).otherwise(tpp).alias("log_tpp"))
     return df.select([pl.col(c).cast(pl.Float64) for c in STAGE_A_FEATURES]).to_numpy()
 
 
