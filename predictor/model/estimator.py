@@ -28,8 +28,8 @@ from predictor.errors import SchemaError
 class DistortionModel:
     """ln(KLD) ≈ X·coef + intercept (ridge; features standardised; NaN -> training mean).
 
-    `predict` clips every feature to the range seen in training: a line fitted on 0.1–400B-parameter
-    models must not be extrapolated to a 1M-parameter one (it predicted KLD 20 at Q2_K there)."""
+    `predict` clips every feature to the range seen in training: a line fitted on models of 0.1B
+    parameters and up must not be extrapolated to a 1M-parameter one (it predicted KLD 20 at Q2_K)."""
 
     def __init__(self, *, alpha: float = 1.0, feature_names: Sequence[str] = ()):
         self.alpha = alpha
@@ -93,10 +93,10 @@ class BaseCurve:
     """drop(x, g) = M_g * (1 - exp(-exp(a_g + b * x))), x = ln KLD, g = task category code.
 
     A complementary log-log link: drop ≈ M_g * e^a_g * KLD^b while small, M_g at collapse (M_g < 100
-    where a collapsed model still scores chance level: multiple choice). Fitted
-    by Huber least squares; each a_g is shrunk toward the shared a (ridge penalty `shrink` per row
-    weight unit), so a category with few rows keeps close to the common curve; categories absent
-    from training use the shared a. b > 0 keeps the curve non-decreasing in distortion."""
+    where a collapsed model still scores chance level: multiple choice). Fitted by Huber least
+    squares; each a_g and M_g is shrunk toward a shared value (ridge penalty `shrink`, in units of
+    the mean row weight), so a category with few rows keeps close to the common curve; categories
+    absent from training use the shared values. b > 0 keeps the curve non-decreasing in distortion."""
 
     def __init__(self, *, shrink: float = 2.0, huber: float = 5.0):
         self.shrink = shrink
@@ -113,7 +113,6 @@ class BaseCurve:
         idx = np.searchsorted(codes, g.astype(int))
         sw = np.sqrt(w / w.mean())
         lam = math.sqrt(self.shrink)
-
         k = len(codes)
 
         def resid(theta):

@@ -43,7 +43,8 @@ STAGE_A_FEATURES = ["log_ref_mse", "imatrix", "log_params", "is_ppl",
 # The baseline score is not a feature: a user asking before download does not have it, and a
 # feature that is always missing at prediction time only shifts the trees' missing-value branch.
 # is_gguf: a llama.cpp preset (every prediction is one) rather than an RTN/GPTQ/AWQ... row; the
-# training rows of the two kinds come from different eras of models and lets the trees keep them apart.
+# training rows of the two kinds come from different eras of models, and the flag lets the trees
+# keep them apart.
 STAGE_B_FEATURES = ["log_kld", "task_category", "log_params", "log_tpp", "is_gguf"]
 NOISE_REF_PP = 3.0  # measurement noise (pp of relative drop) at which a row counts half
 _INT_FAMILIES = {"rtn", "gptq", "awq", "autoround", "hqq", "omniquant", "mlx", "bnb", "exl2", "other"}

@@ -10,9 +10,10 @@ Tiers (what the prediction is based on):
   imatrix (imatrix-aware recipes and quantizers) and the imatrix flag set.
 
 The 80% interval width comes from cross-validation with whole models held out (whole families
-held out when the model's family is not in the training data). It was measured on the published
-rows, which have no weights, so the `weights` tiers do not get narrower intervals than `config`:
-nothing yet shows that they deserve them.
+held out when the model's family is not in the training data), calibrated on the llama.cpp-preset
+rows. Almost all of those rows have no weights we can read, so the `weights` tiers do not get
+narrower intervals than `config`: nothing yet shows that they deserve them (on the self-trained
+family, weight error alone even ranked the models backwards; training_data/family/ANALYSIS.md).
 """
 
 from __future__ import annotations
