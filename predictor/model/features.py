@@ -9,8 +9,7 @@ Two tables, one row per training example:
   creative} with a percent score, not flagged unreliable; target `relative_drop_pct`.
 
 Every quantization is described by `predictor.model.quantspec` (reference error of its real type mix
-on the model's architecture). Model facts come from the registry (plus `EXTRA_REGISTRY` below for the
-models we measured ourselves that the curated registry does not list yet).
+on the model's architecture). Model facts come from the registry (training_data/registry.csv).
 """
 
 from __future__ import annotations
@@ -49,11 +48,6 @@ STAGE_B_FEATURES = ["log_kld", "task_category", "log_params", "log_tpp", "is_ggu
 NOISE_REF_PP = 3.0  # measurement noise (pp of relative drop) at which a row counts half
 _INT_FAMILIES = {"rtn", "gptq", "awq", "autoround", "hqq", "omniquant", "mlx", "bnb", "exl2", "other"}
 
-# Models we measured ourselves (training_data/measured) that registry.csv does not list yet.
-# Facts from each repo's config.json; tokens from the model cards (SmolLM2: 2T for 135M;
-# Gemma 3 270M: 6T). To be moved into registry.csv by the data owner.
-EXTRA_REGISTRY: list[dict] = []  # models measured before the curated registry lists them (none now)
-
 
 @dataclass
 class ModelFacts:
@@ -85,10 +79,7 @@ class Tables:
 
 
 def registry_frame(registry: pl.DataFrame) -> dict[str, dict]:
-    rows = {r["model"]: r for r in registry.iter_rows(named=True)}
-    for extra in EXTRA_REGISTRY:
-        rows.setdefault(extra["model"], dict(extra))
-    return rows
+    return {r["model"]: r for r in registry.iter_rows(named=True)}
 
 
 class QuantDescriber:
@@ -211,8 +202,6 @@ def build_tables(training_dir: str | Path | None = None, *, type_ref: Mapping[st
     type_ref = dict(type_ref) if type_ref is not None else qs.compute_type_ref_rmse()
     desc = QuantDescriber(rows, type_ref)
     aliases = alias_map(td.registry)
-    for extra in EXTRA_REGISTRY:
-        aliases.setdefault(extra["model"].casefold(), extra["model"])
     notes: list[str] = []
 
     def canon_model(m: str) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +32,7 @@ from predictor.errors import InputFileError, UsageError
 from predictor.io import detect_format, open_model
 from predictor.io.hf import estimate_n_params
 from predictor.model import quantspec as qs
-from predictor.model.features import CATEGORY_PROXY, EXTRA_REGISTRY, TASK_CATEGORIES
+from predictor.model.features import CATEGORY_PROXY, TASK_CATEGORIES
 from predictor.quant.recipes import STANDARD_PRESETS, RecipeModel, get_preset
 
 TASKS = TASK_CATEGORIES
@@ -176,10 +176,7 @@ def _registry() -> pl.DataFrame | None:
     path = default_training_dir() / "registry.csv"
     if not path.is_file():
         return None
-    reg = read_table(path, "registry")
-    extra = pl.DataFrame([{k: e.get(k) for k in reg.columns} for e in EXTRA_REGISTRY
-                          if e["model"] not in set(reg.get_column("model").to_list())], schema=reg.schema)
-    return pl.concat([reg, extra], how="vertical_relaxed")
+    return read_table(path, "registry")
 
 
 def predict(
