@@ -171,19 +171,10 @@ def probe_cmd(gguf, model_id, imatrix, presets, imatrix_presets, math_items, out
           --imatrix training_data/measured/family/imatrix/fam-xs-tp8.imatrix.gguf \\
           -o training_data/measured/family/math_probe.csv
     """
-    import polars as pl
-
-    from predictor.family.probe import PROBE_IMATRIX_PRESETS, PROBE_PRESETS, probe_model
+    from predictor.family.probe import PROBE_IMATRIX_PRESETS, PROBE_PRESETS, probe_model, write_probe_rows
 
     rows = probe_model(gguf, presets=presets or PROBE_PRESETS, imatrix_path=imatrix, n_math=math_items,
                        imatrix_presets=imatrix_presets or PROBE_IMATRIX_PRESETS,
                        progress=lambda s: _echo_err(f"probe {model_id}: {s}"))
-    new = pl.DataFrame([{"model": model_id, **r} for r in rows])
-    out = Path(out_csv)
-    if out.is_file():
-        old = pl.read_csv(out).filter(pl.col("model") != model_id)
-        new = pl.concat([old, new], how="diagonal_relaxed")
-    tmp = out.with_name(out.name + ".part")
-    new.write_csv(tmp)
-    tmp.replace(out)
-    click.echo(f"{len(rows)} rows for {model_id} -> {out}")
+    write_probe_rows(out_csv, model_id, rows)
+    click.echo(f"{len(rows)} rows for {model_id} -> {out_csv}")

@@ -195,3 +195,17 @@ def test_math_probe_scores_answers_and_distortion(tmp_path):
         assert r["math_answer_nll"] > 0
     assert 0 < q8["kld_prose"] < q2["kld_prose"] and 0 < q8["kld_code"] < q2["kld_code"]
     assert q8["bits_per_weight"] > q2["bits_per_weight"]
+
+
+def test_write_probe_rows_replaces_only_that_models_rows(tmp_path):
+    import polars as pl
+
+    from predictor.family.probe import write_probe_rows
+
+    out = tmp_path / "probe.csv"
+    write_probe_rows(out, "a", [{"preset": "base", "math_exact_pct": 1.0}])
+    write_probe_rows(out, "b", [{"preset": "base", "math_exact_pct": 2.0}, {"preset": "Q2_K", "kld_prose": 0.1}])
+    write_probe_rows(out, "a", [{"preset": "Q8_0", "math_exact_pct": 3.0}])
+    df = pl.read_csv(out)
+    assert sorted(df.select("model", "preset").rows()) == [("a", "Q8_0"), ("b", "Q2_K"), ("b", "base")]
+    assert not (tmp_path / "probe.csv.part").exists()

@@ -23,6 +23,7 @@ import numpy as np
 
 from predictor.family.data import DataConfig, load_corpus, validation_math
 from predictor.family.tokenizer import BOS_ID, encode
+from predictor.measure.distortion import kl_divergence, log_softmax
 
 PROBE_PRESETS = ("Q8_0", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
 # With an imatrix: Q2_K again, then the presets past it, where distortion reaches collapse.
@@ -32,16 +33,6 @@ N_WINDOWS = 4
 WINDOW = 256
 
 
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def _kld(base_lp: np.ndarray, lp: np.ndarray) -> np.ndarray:
-    return (np.exp(base_lp) * (base_lp - lp)).sum(axis=-1)
-
-
 def _items(n_math: int) -> list[tuple[list[int], list[int]]]:
     return [([BOS_ID, *encode(f"Q: {q}\nA: ").tolist()], encode(f"{a}\n").tolist())
             for q, a in validation_math()[:n_math]]
@@ -49,10 +40,10 @@ def _items(n_math: int) -> list[tuple[list[int], list[int]]]:
 
 def _score(fwd, items, windows: dict[str, np.ndarray]) -> dict:
     """Log-probs of every window token and of every answer position (teacher-forced)."""
-    win = {name: [_log_softmax(fwd.forward(row[:-1])) for row in rows] for name, rows in windows.items()}
+    win = {name: [log_softmax(fwd.forward(row[:-1]), np.float64) for row in rows] for name, rows in windows.items()}
     ans = []
     for prompt, answer in items:
-        lp = _log_softmax(fwd.forward(prompt + answer[:-1]))[len(prompt) - 1:]
+        lp = log_softmax(fwd.forward(prompt + answer[:-1]), np.float64)[len(prompt) - 1:]
         ans.append(lp)
     return {"windows": win, "answers": ans}
 
@@ -67,7 +58,7 @@ def _compare(base: dict | None, cur: dict, items) -> dict:
         tok_ok.extend((pred == answer).tolist())
         nll.append(float(-lp[np.arange(len(answer)), answer].mean()))
         if base is not None:
-            akld.append(float(_kld(base["answers"][i], lp).mean()))
+            akld.append(float(kl_divergence(base["answers"][i], lp).mean()))
     out["math_exact_pct"] = 100.0 * float(np.mean(exact))
     out["math_exact_se"] = 100.0 * float(np.std(exact) / np.sqrt(len(exact)))
     out["math_token_acc_pct"] = 100.0 * float(np.mean(tok_ok))
@@ -75,7 +66,7 @@ def _compare(base: dict | None, cur: dict, items) -> dict:
     if base is not None:
         out["kld_math_answers"] = float(np.mean(akld))
         for name, rows in cur["windows"].items():
-            out[f"kld_{name}"] = float(np.mean([_kld(b, c).mean() for b, c in zip(base["windows"][name], rows)]))
+            out[f"kld_{name}"] = float(np.mean([kl_divergence(b, c).mean() for b, c in zip(base["windows"][name], rows)]))
     return out
 
 
@@ -120,3 +111,17 @@ def _probe(gguf_path, presets, imatrix_path, imatrix_presets, n_math, n_windows,
     for r in rows:
         r.update(n_math=len(items), n_windows=n_windows, window=window)
     return rows
+
+
+def write_probe_rows(out_csv: str | os.PathLike, model_id: str, rows: list[dict]) -> None:
+    """Put `rows` (of `probe_model`) into OUT_CSV under `model_id`, replacing that model's earlier
+    rows and keeping the others; written to a temporary name, then renamed."""
+    import polars as pl
+
+    new = pl.DataFrame([{"model": model_id, **r} for r in rows])
+    out = Path(out_csv)
+    if out.is_file():
+        new = pl.concat([pl.read_csv(out).filter(pl.col("model") != model_id), new], how="diagonal_relaxed")
+    tmp = out.with_name(out.name + ".part")
+    new.write_csv(tmp)
+    tmp.replace(out)

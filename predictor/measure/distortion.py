@@ -15,16 +15,23 @@ import numpy as np
 
 from predictor.errors import MismatchError
 
-__all__ = ["log_softmax", "token_stats", "DistortionAccumulator", "summarize_tokens"]
+__all__ = ["log_softmax", "kl_divergence", "token_stats", "DistortionAccumulator", "summarize_tokens"]
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float64 accumulation, returned as float32 (n, vocab)."""
-    x = np.asarray(logits, dtype=np.float32)
+def log_softmax(logits: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """Row-wise log-softmax in float64 accumulation, returned as `dtype` (n, vocab): float32 keeps
+    a window of a large vocabulary small; float64 keeps KLDs of ~1e-5 exact."""
+    x = np.asarray(logits, dtype=np.float32 if dtype == np.float32 else np.float64)
     m = x.max(axis=-1, keepdims=True)
     z = x - m
     lse = np.log(np.exp(z.astype(np.float64)).sum(axis=-1, keepdims=True))
-    return (z - lse).astype(np.float32)
+    return (z - lse).astype(dtype)
+
+
+def kl_divergence(base_logp: np.ndarray, logp: np.ndarray) -> np.ndarray:
+    """Per-row KL(base || quantized) from log-probs, in float64; rounding's -1e-9 clipped to 0."""
+    b = base_logp.astype(np.float64)
+    return np.maximum((np.exp(b) * (b - logp)).sum(axis=-1), 0.0)
 
 
 def token_stats(base_logp: np.ndarray, quant_logits: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
@@ -35,9 +42,7 @@ def token_stats(base_logp: np.ndarray, quant_logits: np.ndarray, targets: np.nda
             "the two models must share the vocabulary and the scored tokens"
         )
     q = log_softmax(quant_logits)
-    p = np.exp(base_logp.astype(np.float64))
-    kld = (p * (base_logp.astype(np.float64) - q)).sum(axis=-1)
-    kld = np.maximum(kld, 0.0)  # rounding can give -1e-9
+    kld = kl_divergence(base_logp, q)
     idx = np.arange(len(targets))
     return {
         "kld": kld,
