@@ -156,7 +156,7 @@ REGISTRY_COLUMNS: list[Column] = [
 ]
 
 EXCLUDED_COLUMNS: list[Column] = [
-    Column("raw_table", pl.String, "raw file the row came from: measurements.csv or kld_ppl.csv"),
+    Column("raw_table", pl.String, "raw file the row came from, relative to raw/published: measurements.csv, kld_ppl.csv, additions-2026-12/measurements.csv or additions-2026-12/distortion.csv"),
     Column("source_row", pl.Int64, "1-based data-row number in the raw file"),
     Column("model_as_published", pl.String, "model name as written in the raw row"),
     Column("quant_as_published", pl.String, "quant label as written in the raw row"),

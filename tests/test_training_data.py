@@ -12,7 +12,9 @@ import polars as pl
 import pytest
 
 from predictor.data import default_training_dir, identify_model, load_training_data, resolve_model
-from predictor.data.curate import build_training_data, published_quant, summary_markdown
+import math
+
+from predictor.data.curate import ADDITIONS_SNAPSHOT_DATE, build_training_data, published_quant, summary_markdown
 from predictor.data.quant_names import LLAMA_CPP_PRESETS, parse_quant_name
 from predictor.data.rows import flag_format_failures, flag_near_chance, relative_drop
 from predictor.data.store import read_table, validate_frame
@@ -27,6 +29,12 @@ RAW = TD / "raw" / "published"
 @pytest.fixture(scope="module")
 def td():
     return load_training_data()
+
+
+# (raw file under raw/published, its raw_table name in excluded.csv, curated table)
+RAW_TABLES = (("measurements.csv", "measurements"), ("kld_ppl.csv", "distortion"),
+              ("additions-2026-12/measurements.csv", "measurements"),
+              ("additions-2026-12/distortion.csv", "distortion"))
 
 
 def raw_rows(name: str) -> list[dict[str, str]]:
@@ -86,9 +94,11 @@ def test_rebuild_from_raw_reproduces_the_committed_tables(tmp_path):
 
 
 def test_every_raw_row_is_curated_or_excluded_with_a_reason(td):
-    for raw_name, table in (("measurements.csv", td.measurements), ("kld_ppl.csv", td.distortion)):
+    for raw_name, table_name in RAW_TABLES:
+        table = getattr(td, table_name)
         raws = raw_rows(raw_name)
-        kept = table.filter(pl.col("origin") == "published")["source_row"].to_list()
+        kept = table.filter(pl.col("origin") == "published",
+                            pl.col("source_file") == f"training_data/raw/published/{raw_name}")["source_row"].to_list()
         ex = td.excluded.filter(pl.col("raw_table") == raw_name)
         assert sorted(kept + ex["source_row"].to_list()) == list(range(1, len(raws) + 1)), raw_name
         for r in ex.iter_rows(named=True):  # the excluded record keeps the whole raw row
@@ -103,15 +113,17 @@ def test_curated_rows_keep_the_published_numbers(td):
         for v in (raw["baseline_score"], raw["quant_score"]):
             if v:
                 top[(raw["source"], raw["metric"])] = max(top.get((raw["source"], raw["metric"]), 0.0), float(v))
-    m = td.measurements.filter(pl.col("origin") == "published", pl.col("score_unit") == "percent")
+    m = td.measurements.filter(pl.col("origin") == "published", pl.col("score_unit") == "percent",
+                               pl.col("source_file") == "training_data/raw/published/measurements.csv")
     for r in m.iter_rows(named=True):
         raw = raws[r["source_row"] - 1]
         scale = 100.0 if top[(raw["source"], raw["metric"])] <= 1.0 else 1.0
         assert r["quant_score"] == pytest.approx(float(raw["quant_score"]) * scale)
         if raw["baseline_score"]:
             assert r["baseline_score"] == pytest.approx(float(raw["baseline_score"]) * scale)
-        else:  # only a quantized reference named by the source can stand in
-            assert r["baseline_precision"] in ("Q5_K_M", "Q8_0") and r["unreliable"]
+        else:  # only a quantized reference named by the source can stand in (kept as a preset pair)
+            assert r["baseline_precision"] in ("Q5_K_M", "Q8_0")
+            assert "quantized reference" not in (r["unreliable_reason"] or "")
         assert r["model_as_published"] == raw["model"] and r["quant_as_published"] == raw["quant"]
         assert r["relative_drop_pct"] == pytest.approx(relative_drop(r["baseline_score"], r["quant_score"]))
 
@@ -209,3 +221,111 @@ def test_validate_frame_rejects_duplicate_row_ids(td):
     m = td.measurements.head(3)
     with pytest.raises(SchemaError, match="row_id"):
         validate_frame(pl.concat([m, m.head(1)]), "measurements")
+
+
+ADD_M = "training_data/raw/published/additions-2026-12/measurements.csv"
+ADD_D = "training_data/raw/published/additions-2026-12/distortion.csv"
+
+
+def test_additions_keep_the_published_numbers_and_provenance(td):
+    raws = raw_rows("additions-2026-12/measurements.csv")
+    m = td.measurements.filter(pl.col("source_file") == ADD_M)
+    assert m.height == len(raws) == 405
+    assert set(m["ingested_at"]) == {ADDITIONS_SNAPSHOT_DATE} and m["source_sha256"].n_unique() == 1
+    for r in m.iter_rows(named=True):
+        raw = raws[r["source_row"] - 1]
+        assert r["baseline_score"] == pytest.approx(float(raw["baseline_score"]))
+        assert r["quant_score"] == pytest.approx(float(raw["quant_score"]))
+        assert r["model_as_published"] == raw["model"] and r["quant_as_published"] == raw["quant_as_published"]
+        assert r["source"] == raw["source"] and r["source_location"] == raw["where"]
+        assert r["params_b"] is not None  # every addition model has a registry row with a size
+    # quant families: presets, community/AutoScheme mixes, auto-round-made presets
+    fam = dict(m.select("quant", "quant_family").unique().iter_rows())
+    assert fam["Q2_K_L"] == fam["UD-IQ2_M"] == "gguf-mixed" and fam["Q4_K_M"] == "gguf-k"
+    assert m.filter(pl.col("quant").str.starts_with("AUTOSCHEME"), pl.col("quant_family") != "gguf-mixed").height == 0
+    ar = m.filter(pl.col("quant_as_published").str.starts_with("auto_round Q"))
+    assert ar.height == 6 and set(ar["method"]) == {"autoround-rtn"} and set(ar["quant"]) == {"Q3_K_M", "Q4_K_M"}
+    assert set(m.filter(pl.col("note").str.contains("Ollama library"),
+                        pl.col("quant_family") == "gguf-k")["imatrix"]) == {"unknown"}
+    # flags the source data implies
+    tqa = m.filter(pl.col("task") == "TruthfulQA-gen")
+    assert tqa.height == 16 and tqa["unreliable"].all() and TASKS["TruthfulQA-gen"].category == "knowledge"
+    q3 = m.filter(pl.col("model") == "Qwen/Qwen3-30B-A3B")
+    assert q3.height == 6 and q3["unreliable"].all()
+    assert m.filter(pl.col("quant").str.starts_with("AUTOSCHEME"))["unreliable"].sum() == 0
+    pe = m.filter(pl.col("task").str.starts_with("PE-Bench"))
+    assert pe.height == 148 and set(pe["task_category"]) == {"code"}
+    # a PE-Bench row is flagged only when its baseline is near chance, never for being a single run
+    for r in pe.filter(pl.col("unreliable")).iter_rows(named=True):
+        assert "chance" in r["unreliable_reason"] and r["baseline_score"] < 5.0
+    assert pe.filter(~pl.col("unreliable")).height > 50
+
+
+def test_q8_0_baseline_rows_are_kept_as_preset_pairs(td):
+    raws = raw_rows("additions-2026-12/measurements.csv")
+    q8 = [i for i, r in enumerate(raws, start=1) if r["baseline_precision"].startswith("Q8_0")]
+    m = td.measurements.filter(pl.col("source_file") == ADD_M, pl.col("source_row").is_in(q8))
+    assert m.height == len(q8) == 183
+    assert set(m["baseline_precision"]) == {"Q8_0"}
+    for r in m.iter_rows(named=True):  # flagged, if at all, for other reasons only
+        assert "Q8_0" not in (r["unreliable_reason"] or "") and "16-bit" not in (r["unreliable_reason"] or "")
+    mmlu = m.filter(pl.col("model") == "mistralai/Mistral-7B-Instruct-v0.3", pl.col("task") == "MMLU", pl.col("quant") == "Q4_K_M")
+    assert mmlu.height == 1 and not mmlu["unreliable"][0]
+    assert mmlu["relative_drop_pct"][0] == pytest.approx((59.0 - 57.9) / 59.0 * 100)
+    old = td.measurements.filter(pl.col("source_file") == "training_data/raw/published/measurements.csv",
+                                 pl.col("baseline_precision").is_in(["Q8_0", "Q5_K_M"]))
+    assert old.height == 10 and not old["unreliable"].any()
+
+
+def test_binomial_stderr_is_imputed_from_n(td):
+    raws = raw_rows("additions-2026-12/measurements.csv")
+    m = td.measurements.filter(pl.col("source_file") == ADD_M)
+    for r in m.iter_rows(named=True):
+        raw = raws[r["source_row"] - 1]
+        if raw["baseline_stderr"] or raw["quant_stderr"]:
+            if raw["baseline_stderr"]:
+                assert r["baseline_stderr"] == pytest.approx(float(raw["baseline_stderr"]))
+        elif raw["n"].strip():
+            n = int(re.match(r"\d+", raw["n"]).group(0))
+            for side in ("baseline", "quant"):
+                p = r[f"{side}_score"] / 100.0
+                assert r[f"{side}_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / n) * 100, abs=1e-5)
+            assert f"stderr imputed as binomial from n={n} items" in r["note"]
+        else:
+            assert r["baseline_stderr"] is None and r["quant_stderr"] is None
+    mmlu = m.filter(pl.col("model") == "Qwen/Qwen2.5-7B-Instruct", pl.col("task") == "MMLU", pl.col("quant") == "Q2_K")
+    assert mmlu["baseline_stderr"][0] == pytest.approx(math.sqrt(0.74 * 0.26 / 285) * 100, abs=1e-5)
+    gsm = m.filter(pl.col("task") == "GSM8K", pl.col("metric_filter") == "flexible-extract")
+    assert gsm["baseline_stderr"][0] == 1.0 and gsm["quant_stderr"][0] == pytest.approx(
+        math.sqrt(0.8089 * 0.1911 / 1319) * 100, abs=1e-5)
+
+
+def test_task_table_has_standard_test_set_sizes():
+    assert TASKS["GSM8K"].n_items == 1319 and TASKS["MMLU"].n_items == 14042 and TASKS["HumanEval"].n_items == 164
+    assert TASKS["PE-Bench-Python-100"].n_items == 100 and TASKS["PE-Bench-Rust-100"].category == "code"
+    assert TASKS["lm-eval avg10"].n_items is None and TASKS["MT-Bench turn 1"].n_items is None
+    assert all(t.n_items is None or (isinstance(t.n_items, int) and t.n_items > 0) for t in TASKS.values())
+
+
+def test_additions_distortion_rules(td):
+    d = td.distortion.filter(pl.col("source_file") == ADD_D)
+    assert d.height == 36
+    ks = d.filter(pl.col("quant") == "IQ4_KS")
+    assert ks.height == 7 and set(ks["quant_family"]) == {"gguf-ik"}
+    qerr = d.filter(pl.col("source").str.contains("ik_llama.cpp PR #83"))
+    assert (qerr["baseline"] == 1.0).all() and not qerr["unreliable"].any()
+    row = qerr.filter(pl.col("model") == "meta-llama/Llama-3.1-8B", pl.col("quant") == "IQ4_XS")
+    assert row["relative_change_pct"][0] == pytest.approx(2.82)
+    nobase = d.filter(pl.col("source").str.contains("PR #5196"))
+    assert nobase.height == 18 and nobase["baseline"].is_null().all() and nobase["unreliable"].all()
+    assert nobase["relative_change_pct"].is_null().all()
+
+
+def test_published_quant_additions_labels():
+    a = published_quant("AutoScheme 2.5b mixed[q2,q3,q4,q6] iters 200")
+    b = published_quant("AutoScheme 2.5 bits mixed[q2,q3,q4,q6] tuning iters 200")
+    assert a == b and a.quant_family == "gguf-mixed" and a.method == "autoround"
+    assert published_quant("AutoScheme 3.5b mixed[q2,q3,q4] lm_head Q6K").method == "autoround-rtn"
+    ud = published_quant("UD-IQ2_M")
+    assert (ud.quant, ud.quant_family, ud.method) == ("UD-IQ2_M", "gguf-mixed", "unsloth-dynamic")
+    assert published_quant("IQ4_KS").quant_family == "gguf-ik"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -52,6 +53,19 @@ from predictor.schema import render_schema_markdown
 PUBLISHED_SNAPSHOT_DATE = "2026-11-28"
 RAW_MEASUREMENTS = "measurements.csv"
 RAW_DISTORTION = "kld_ppl.csv"
+# Later additions: a sub-folder of the raw folder with its own richer format and copy date.
+ADDITIONS_DIR = "additions-2026-12"
+ADDITIONS_SNAPSHOT_DATE = "2026-12-04"
+ADDITIONS_MEASUREMENTS = f"{ADDITIONS_DIR}/measurements.csv"
+ADDITIONS_DISTORTION = f"{ADDITIONS_DIR}/distortion.csv"
+# llama.cpp presets a source may use as its reference instead of a 16-bit model. Such rows are real
+# preset-vs-preset differences: kept (not flagged for this reason), baseline_precision = the preset.
+QUANT_REFERENCES = ("Q8_0", "Q5_K_M")
+
+
+def reference_note(precision: str) -> str:
+    return (f"baseline is the source's {precision} run, not a 16-bit model: the drop is {precision} -> quant, "
+            f"a difference between two llama.cpp presets (use as a pair with the {precision} drop)")
 
 
 def repo_root() -> Path:
@@ -120,6 +134,26 @@ def _rule_gguf_autoround(m: re.Match, method: str) -> QuantInfo:
                      "AutoRound-tuned weights in the GGUF format" + (" (+alg_ext)" if m.group(2) else ""))
 
 
+def autoround_rtn_gguf(quant: QuantInfo) -> QuantInfo:
+    """A llama.cpp preset layout whose weights auto-round's own RTN chose (iters 0), not llama-quantize."""
+    return QuantInfo(quant.quant, quant.quant_family, "autoround-rtn", quant.weight_bits, None,
+                     "AutoRound optimised RTN (iters 0) in the GGUF k-quant format, no imatrix")
+
+
+def _rule_autoscheme(m: re.Match, method: str) -> QuantInfo:
+    # intel/auto-round auto_scheme_acc.md: 'AutoScheme 2.5b mixed[q2,q3,q4] lm_head Q6K', '... iters 200'
+    bpw, types, lm_head, iters = m.group(1), m.group(2), m.group(3), m.group(4)
+    name = f"AUTOSCHEME-{'+'.join(t.upper() for t in types.split(','))}-{float(bpw):g}bpw"
+    note = f"AutoRound AutoScheme per-layer mix of {types.replace(',', '/')} GGUF types at {float(bpw):g} bits average"
+    if lm_head:
+        name += "-lmhead_Q6_K"
+        note += ", lm_head in Q6_K"
+    if iters:
+        name += f"-iters{iters}"
+        return QuantInfo(name, "gguf-mixed", "autoround", None, None, note + f", tuned ({iters} iterations)")
+    return QuantInfo(name, "gguf-mixed", "autoround-rtn", None, None, note + ", RTN (iters 0)")
+
+
 def _fixed(info: QuantInfo) -> Callable[[re.Match, str], QuantInfo]:
     return lambda m, method: info
 
@@ -145,6 +179,10 @@ _RULES: list[tuple[re.Pattern, Callable[[re.Match, str], QuantInfo]]] = [
      _fixed(QuantInfo("DQ3_K_M", "gguf-mixed", "unicom-dynamic", 3.0, None, "UnicomAI dynamic 3-bit GGUF mix"))),
     (re.compile(r"^UD-Q2_K_XL \(Unsloth dynamic\)$"),
      _fixed(QuantInfo("UD-Q2_K_XL", "gguf-mixed", "unsloth-dynamic", 2.0, None, "Unsloth dynamic GGUF mix"))),
+    (re.compile(r"^AutoScheme (\d(?:\.\d+)?) ?(?:b|bits) mixed\[([q0-9,]+)\]( lm_head Q6K)?(?: (?:tuning )?iters (\d+))?$"),
+     _rule_autoscheme),
+    (re.compile(r"^UD-(I?Q(\d)[A-Z0-9_]*)$"), lambda m, _: QuantInfo(m.group(0), "gguf-mixed", "unsloth-dynamic", float(m.group(2)),
+                                                                    None, "Unsloth dynamic GGUF mix")),
     (re.compile(r"^Q2_K_L$"), _fixed(QuantInfo("Q2_K_L", "gguf-mixed", "llama.cpp", 2.0, None,
                                                "community variant of Q2_K with 8-bit token embedding / output tensors"))),
     (re.compile(r"^mixed Q2_K_S/Q4_K_S avg 3\.5 bpw \(AutoScheme"),
@@ -254,14 +292,15 @@ def _read_raw(path: Path) -> list[dict[str, str]]:
 
 
 class _Excluder:
-    def __init__(self, raw_table: str):
+    def __init__(self, raw_table: str, quant_key: str = "quant"):
         self.raw_table = raw_table
+        self.quant_key = quant_key  # raw column holding the quant label as published
         self.rows: list[dict[str, Any]] = []
 
     def add(self, i: int, raw: dict[str, str], what: str, code: str, reason: str) -> None:
         self.rows.append({
             "raw_table": self.raw_table, "source_row": i, "model_as_published": raw.get("model"),
-            "quant_as_published": raw.get("quant"), "what": what, "reason_code": code, "reason": reason,
+            "quant_as_published": raw.get(self.quant_key), "what": what, "reason_code": code, "reason": reason,
             "source": raw.get("source"), "raw_json": json.dumps(raw, ensure_ascii=False, sort_keys=True),
         })
 
@@ -351,8 +390,7 @@ def curate_measurements(raw_path: Path, registry: pl.DataFrame, source_file: str
             continue
         quant = published_quant(raw["quant"], raw["method"])
         if "row 'Optimized RTN'" in where:  # auto-round's own RTN into the GGUF k-quant layout, not llama-quantize
-            quant = QuantInfo(quant.quant, quant.quant_family, "autoround-rtn", quant.weight_bits, None,
-                              "AutoRound optimised RTN (iters 0) in the GGUF k-quant format, no imatrix")
+            quant = autoround_rtn_gguf(quant)
         metric, filt, unit, metric_note = _measurement_metric(raw["metric"], raw["task"], task.category)
         base, qs = _num(raw["baseline_score"]), _num(raw["quant_score"])
         if (src, raw["metric"]) in fraction_groups and unit == "percent":
@@ -400,8 +438,8 @@ def curate_measurements(raw_path: Path, registry: pl.DataFrame, source_file: str
             add_note(row, f"category as published: {raw['task_category']}")
         if "repeating layers only" in where:
             add_note(row, "bits_per_weight counts repeating layers only")
-        if precision in ("Q5_K_M", "Q8_0"):
-            add_reason(row, f"baseline is the source's quantized reference ({precision}), not a 16-bit model")
+        if precision in QUANT_REFERENCES:
+            add_note(row, reference_note(precision))
         if row["secondhand"]:
             add_reason(row, "second-hand number (quoted by a notes file, original table not read)")
         if "NOT weight-only" in where:
@@ -531,6 +569,256 @@ def curate_distortion(raw_path: Path, registry: pl.DataFrame, source_file: str) 
     return rows, ex
 
 
+# ---------------------------------------------------------------------------------------------
+# additions-2026-12: richer raw format (hf_id, quant_as_published, quant_publisher, n, stderrs, flag,
+# baseline_precision, note). Same rules as above, reusing the helpers; only the format differs.
+
+_ADDITION_METRICS: dict[str, tuple[str, str | None]] = {  # raw metric -> (metric, lm-eval filter)
+    "acc (lm-eval default)": ("acc", None),
+    "accuracy (EvalScope)": ("acc", None),
+    "accuracy": ("acc", None),
+    "rescored accuracy (generation, regex letter extraction)": ("acc", None),
+    "truthfulness (free-form answer matched to references by string/keyword match)": ("string_match", None),
+    "difficulty-weighted solve score (sum of points of solved problems / 100; points = participants/solved_by)":
+        ("weighted_solve_score", None),
+    "exact match on final number (last number in output vs number after ####)": ("exact_match", None),
+    "exact_match flexible-extract (greedy)": ("exact_match", "flexible-extract"),
+    "prompt_level_strict_acc": ("prompt_level_strict_acc", None),
+    "pass@1 (temperature 0, n=1)": ("pass@1", None),
+    "numeric_match": ("numeric_match", None),
+}
+
+# Raw `flag` items ('; '-separated) -> what they mean for the curated row: a curation note, a reason
+# to flag the row unreliable, or 'handled' (the rule lives elsewhere: Q8_0 references, missing baselines).
+_ADDITION_FLAGS: dict[str, tuple[str, str | None]] = {
+    "not a llama.cpp preset: auto-round AutoScheme per-layer mix": ("note", None),
+    "publisher mix: Q2_K with larger embedding/output tensors ('_L' variant)": ("note", None),
+    "Unsloth Dynamic mix": ("note", None),
+    "GGUF made by auto-round, not llama-quantize": ("note", None),
+    "baseline is Q8_0 (no 16-bit run)": ("handled", None),
+    "baseline_is_Q8_0_not_16bit": ("handled", None),
+    "single run": ("note", "single run (noise from the item count only)"),
+    "score dominated by rarely solved problems": ("note", None),
+    "quant_score_from_stated_diff": ("note", "quant score is the baseline plus the difference stated by the source"),
+    "small_n": ("note", "small item count"),
+    "floor_effect": ("note", "floor effect: both scores at 0"),
+    "non_standard_task": ("note", "non-standard task"),
+    "outside_requested_categories": ("note", None),
+    "n=50, report calls the trend noise": ("reason", "n=50 free-form answers scored by string match; the source "
+                                                    "report itself calls the trend noise"),
+    "suspect_baseline": ("reason", "the FP16 baseline may have run through a different serving path or thinking "
+                                   "setting than the quantized runs (the source's own caveat)"),
+    "ik_llama.cpp-only type (gguf-ik), not in mainline llama.cpp": ("note", None),
+    "no f16 PPL in this table (baseline left empty; not derived)": ("handled", None),
+    "ffn_down falls back to Q4_0 (columns not a multiple of 256)": ("note", None),
+    "IQ2_XXS file effectively 2.77 bpw, IQ2_XS 2.94 bpw": ("note", None),
+}
+
+
+def _apply_addition_flags(row: dict[str, Any], flag: str, where: str) -> None:
+    for item in (x.strip() for x in re.split(r";(?![^()]*\))", flag or "")):  # ';' outside parentheses
+        if not item:
+            continue
+        if item not in _ADDITION_FLAGS:
+            raise SchemaError(f"{where}: flag {item!r} has no curation rule — extend _ADDITION_FLAGS in predictor/data/curate.py")
+        kind, text = _ADDITION_FLAGS[item]
+        if kind == "note":
+            add_note(row, text or item)
+        elif kind == "reason":
+            add_reason(row, text)
+
+
+def _lead_num(text: str | None) -> float | None:
+    """'3.9 (as published, approx.)' -> 3.9; '' -> None."""
+    m = re.match(r"^\s*~?(\d+(?:\.\d+)?)", text or "")
+    return float(m.group(1)) if m else None
+
+
+def binomial_stderr(score_pct: float, n: int) -> float:
+    """Standard error (percent points) of a proportion score_pct/100 measured on n items."""
+    p = min(max(score_pct / 100.0, 0.0), 1.0)
+    return round(math.sqrt(p * (1.0 - p) / n) * 100.0, 6)
+
+
+def _addition_precision(text: str, where: str) -> str:
+    t = (text or "").strip()
+    for q in QUANT_REFERENCES:
+        if t.startswith(q):
+            return q
+    if re.match(r"^BF16\b", t, re.I):
+        return "bf16"
+    if re.match(r"^FP?16\b", t, re.I):
+        return "fp16"
+    raise SchemaError(f"{where}: baseline precision {text!r} not understood — extend _addition_precision")
+
+
+def _addition_model(raw: dict[str, str], aliases: dict[str, str], where: str) -> str:
+    for name in (raw["model"], raw.get("hf_id") or ""):
+        model = aliases.get(name.strip().casefold()) if name.strip() else None
+        if model:
+            return model
+    raise SchemaError(f"{where}: model {raw['model']!r} is not in training_data/registry.csv — add it or an alias")
+
+
+def _addition_quant(raw: dict[str, str], where: str) -> QuantInfo:
+    label, method = raw["quant"].strip(), raw["method"].strip()
+    if method.startswith("autoround-autoscheme"):
+        quant = published_quant(label)
+        if quant.quant_family != "gguf-mixed" or ("tuning" in method) != (quant.method == "autoround"):
+            raise SchemaError(f"{where}: AutoScheme label {label!r} disagrees with method {method!r}")
+        return quant
+    if method.startswith("autoround-rtn"):
+        return autoround_rtn_gguf(published_quant(label))
+    if method.startswith(("llama.cpp", "GGUF quant ladder", "ik_llama.cpp")):
+        quant = published_quant(label)
+        if label.startswith("UD-") and quant.method == "llama.cpp":
+            raise SchemaError(f"{where}: Unsloth dynamic label {label!r} fell through to a preset rule")
+        return quant
+    raise SchemaError(f"{where}: method {method!r} has no curation rule — extend _addition_quant")
+
+
+def _addition_imatrix(raw: dict[str, str], quant: QuantInfo) -> tuple[str, str | None]:
+    value, note = _imatrix(raw["imatrix"], quant)
+    own = (raw.get("imatrix_note") or "").strip() or None
+    return value, "; ".join(x for x in (own, note) if x) or None
+
+
+def curate_additions_measurements(raw_path: Path, registry: pl.DataFrame, source_file: str) -> tuple[list[dict], _Excluder]:
+    aliases = alias_map(registry)
+    sha = sha256_file(raw_path)
+    raws = _read_raw(raw_path)
+    ex = _Excluder(ADDITIONS_MEASUREMENTS, quant_key="quant_as_published")
+    rows: list[dict] = []
+    for i, raw in enumerate(raws, start=1):
+        loc = f"{raw_path} row {i}"
+        what = f"{raw['task']} / {raw['metric']}"
+        src, where = raw["source"], raw["where"]
+        model = _addition_model(raw, aliases, loc)
+        task = task_by_name(raw["task"])
+        if task is None:
+            raise SchemaError(f"{loc}: task {raw['task']!r} is unknown — add it to predictor/data/tasks.py")
+        if raw["metric"] not in _ADDITION_METRICS:
+            raise SchemaError(f"{loc}: metric {raw['metric']!r} has no mapping — extend _ADDITION_METRICS")
+        metric, filt = _ADDITION_METRICS[raw["metric"]]
+        quant = _addition_quant(raw, loc)
+        base, qs = _num(raw["baseline_score"]), _num(raw["quant_score"])
+        if base is None or qs is None:
+            ex.add(i, raw, what, "no_baseline" if base is None else "no_score",
+                   "the row lacks the baseline or the quantized score, so no relative drop can be computed")
+            continue
+        precision = _addition_precision(raw["baseline_precision"], loc)
+        imatrix, imatrix_note = _addition_imatrix(raw, quant)
+        row: dict[str, Any] = {
+            "origin": "published", "model": model, "model_as_published": raw["model"],
+            **_model_fields(model, registry),
+            "quant": quant.quant, "quant_as_published": raw["quant_as_published"], "quant_family": quant.quant_family,
+            "method": quant.method, "weight_bits": quant.weight_bits, "group_size": quant.group_size,
+            "bits_per_weight": _lead_num(raw["bits_per_weight"]), "imatrix": imatrix, "imatrix_note": imatrix_note,
+            "task": task.name, "task_category": task.category, "metric": metric, "metric_filter": filt,
+            "n_shot": int(raw["n_shot"]) if raw["n_shot"].strip() else None, "higher_is_better": True,
+            "score_unit": "percent", "baseline_score": base, "quant_score": qs,
+            "baseline_stderr": _num(raw["baseline_stderr"]), "quant_stderr": _num(raw["quant_stderr"]),
+            "baseline_precision": precision, "relative_drop_pct": relative_drop(base, qs, True),
+            "secondhand": "secondhand" in src.lower(), "unreliable": False, "unreliable_reason": None, "note": None,
+            "source": src, "source_location": where, "source_file": source_file, "source_sha256": sha,
+            "source_row": i, "ingested_at": ADDITIONS_SNAPSHOT_DATE,
+        }
+        add_note(row, quant.note)
+        if raw["quant_publisher"].strip():
+            add_note(row, f"GGUF publisher: {raw['quant_publisher'].strip()}")
+        if raw["method"].strip() not in ("llama.cpp", quant.method):
+            add_note(row, f"runtime/method as published: {raw['method'].strip()}")
+        if raw["score_unit"] != "percent":
+            add_note(row, f"score unit as published: {raw['score_unit']}, written x100 (a difficulty-weighted "
+                          "score, not a proportion of items)")
+        if raw["metric"] != metric:
+            add_note(row, f"metric as published: {raw['metric']}")
+        if raw["task"] != task.name:
+            add_note(row, f"task as published: {raw['task']}")
+        if raw["task_category"] != task.category:
+            add_note(row, f"category as published: {raw['task_category']}")
+        if precision in QUANT_REFERENCES:
+            add_note(row, reference_note(precision))
+        if raw["baseline_precision"].strip() != precision:
+            add_note(row, f"baseline as published: {raw['baseline_precision'].strip()}")
+        if raw["bits_per_weight"].strip() and "(" in raw["bits_per_weight"]:
+            add_note(row, f"bits per weight as published: {raw['bits_per_weight'].strip()}")
+        # Noise: the row's own standard errors; else a binomial one from the row's item count.
+        n_items = int(_lead_num(raw["n"])) if _lead_num(raw["n"]) else None
+        if n_items and raw["n"].strip() != str(n_items):
+            add_note(row, f"n as published: {raw['n'].strip()}")
+        imputed = []
+        if n_items:
+            for side, score in (("baseline", base), ("quant", qs)):
+                if row[f"{side}_stderr"] is None:
+                    row[f"{side}_stderr"] = binomial_stderr(score, n_items)
+                    imputed.append(side)
+        if len(imputed) == 2:
+            add_note(row, f"stderr imputed as binomial from n={n_items} items")
+        elif imputed:
+            add_note(row, f"{imputed[0]} stderr imputed as binomial from n={n_items} items (the other as published)")
+        if imputed and metric == "weighted_solve_score":
+            add_note(row, "the score is difficulty-weighted, so the binomial standard error is an approximation")
+        add_note(row, raw["note"].strip() or None)
+        _apply_addition_flags(row, raw["flag"], loc)
+        flag_near_chance(row, task.chance_pct)
+        row["row_id"] = row_id(row, MEASUREMENT_ID_FIELDS)
+        rows.append(row)
+    return rows, ex
+
+
+def curate_additions_distortion(raw_path: Path, registry: pl.DataFrame, source_file: str) -> tuple[list[dict], _Excluder]:
+    aliases = alias_map(registry)
+    sha = sha256_file(raw_path)
+    raws = _read_raw(raw_path)
+    ex = _Excluder(ADDITIONS_DISTORTION, quant_key="quant_as_published")
+    rows: list[dict] = []
+    for i, raw in enumerate(raws, start=1):
+        loc = f"{raw_path} row {i}"
+        src, where, metric_raw = raw["source"], raw["where"], raw["metric"]
+        model = _addition_model(raw, aliases, loc)
+        quant = _addition_quant(raw, loc)
+        imatrix, imatrix_note = _addition_imatrix(raw, quant)
+        value = _num(raw["value"])
+        precision = _addition_precision(raw["baseline_precision"], loc) if raw["baseline_precision"].strip() else None
+        row: dict[str, Any] = {
+            "origin": "published", "model": model, "model_as_published": raw["model"],
+            "family": _model_fields(model, registry)["family"],
+            "quant": quant.quant, "quant_as_published": raw["quant_as_published"], "quant_family": quant.quant_family,
+            "method": quant.method, "weight_bits": quant.weight_bits, "group_size": quant.group_size,
+            "bits_per_weight": _lead_num(raw["bits_per_weight"]), "imatrix": imatrix, "imatrix_note": imatrix_note,
+            "metric": "ppl", "value": value, "value_stderr": _num(raw["value_stderr"]), "baseline": _num(raw["baseline"]),
+            "baseline_stderr": None, "baseline_precision": precision, "relative_change_pct": None,
+            "dataset": raw["dataset"].strip(), "context_length": int(raw["context"]) if raw["context"].strip().isdigit() else None,
+            "approximate": False, "secondhand": "secondhand" in src.lower(), "unreliable": False,
+            "unreliable_reason": None, "note": None,
+            "source": src, "source_location": where, "source_file": source_file, "source_sha256": sha,
+            "source_row": i, "ingested_at": ADDITIONS_SNAPSHOT_DATE,
+        }
+        add_note(row, quant.note)
+        if raw["method"].strip() not in (quant.method,):
+            add_note(row, f"runtime/method as published: {raw['method'].strip()}")
+        if metric_raw.startswith("qerr_pct"):
+            # Only Qerr = PPL(Q)/PPL(f16) - 1 is published: the baseline is derived from it, with both
+            # perplexities expressed relative to PPL(f16) = 1 (absolute values are not given).
+            qerr = value
+            row["value"], row["baseline"] = round(1.0 + qerr / 100.0, 8), 1.0
+            add_note(row, f"only Qerr = PPL(Q)/PPL(f16) - 1 = {qerr:g}% is published: value and baseline are "
+                          "perplexities normalised to PPL(f16) = 1 (baseline derived from Qerr)")
+        elif metric_raw != "PPL":
+            raise SchemaError(f"{loc}: metric {metric_raw!r} has no mapping — extend curate_additions_distortion")
+        if row["baseline"] is not None and row["value"] is not None:
+            row["relative_change_pct"] = relative_drop(row["baseline"], row["value"], higher_is_better=False)
+        else:
+            row["baseline_precision"] = None
+            add_reason(row, "no 16-bit perplexity in the source table: no baseline, so no relative change")
+        add_note(row, raw["note"].strip() or None)
+        _apply_addition_flags(row, raw["flag"], loc)
+        row["row_id"] = row_id(row, DISTORTION_ID_FIELDS)
+        rows.append(row)
+    return rows, ex
+
+
 def curate_published(raw_dir: Path, registry: pl.DataFrame) -> Curated:
     raw_dir = Path(raw_dir)
     root = repo_root()
@@ -549,7 +837,19 @@ def curate_published(raw_dir: Path, registry: pl.DataFrame) -> Curated:
     drows, dex = curate_distortion(dpath, registry, rel(dpath))
     draw = {i: r for i, r in enumerate(_read_raw(dpath), start=1)}
     drows = dedupe(drows, dex, draw, DISTORTION_DUP_FIELDS, lambda r: f"{r['metric']} / {r['dataset']}")
-    excluded = pl.DataFrame(mex.rows + dex.rows, schema=empty_table("excluded").schema)
+    excluded_rows = mex.rows + dex.rows
+    add_dir = raw_dir / ADDITIONS_DIR
+    if add_dir.is_dir():  # later additions in their own format; row numbers refer to their own files
+        apath, bpath = raw_dir / ADDITIONS_MEASUREMENTS, raw_dir / ADDITIONS_DISTORTION
+        arows, aex = curate_additions_measurements(apath, registry, rel(apath))
+        n_flags += flag_format_failures(arows)
+        araw = {i: r for i, r in enumerate(_read_raw(apath), start=1)}
+        mrows += dedupe(arows, aex, araw, MEASUREMENT_DUP_FIELDS, lambda r: f"{r['task']} / {r['metric']}")
+        brows, bex = curate_additions_distortion(bpath, registry, rel(bpath))
+        braw = {i: r for i, r in enumerate(_read_raw(bpath), start=1)}
+        drows += dedupe(brows, bex, braw, DISTORTION_DUP_FIELDS, lambda r: f"{r['metric']} / {r['dataset']}")
+        excluded_rows += aex.rows + bex.rows
+    excluded = pl.DataFrame(excluded_rows, schema=empty_table("excluded").schema)
     return Curated(frame(mrows, "measurements"), frame(drows, "distortion"), excluded, n_flags)
 
 

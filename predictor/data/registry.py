@@ -77,7 +77,8 @@ def _config_facts(config: Any) -> dict[str, Any]:
 # config.json model_type / GGUF architecture -> family, used when no registry row matches exactly.
 _FAMILY_BY_TYPE = {
     "qwen3": "qwen3", "qwen3_moe": "qwen3-moe", "qwen3moe": "qwen3-moe", "qwen2": "qwen2.5",
-    "mistral": "mistral", "mixtral": "mixtral", "gemma": "gemma", "phi3": "phi3", "falcon": "falcon",
+    "mistral": "mistral", "mixtral": "mixtral", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3",
+    "gemma3_text": "gemma3", "phi3": "phi3", "falcon": "falcon",
     "bloom": "bloom", "opt": "opt", "chatglm": "chatglm3", "stablelm": "stablelm", "mamba": "mamba",
     "deepseek_v3": "deepseek-v3-moe", "deepseek2": "deepseek-v3-moe",
 }
