@@ -25,16 +25,26 @@ def _imatrix_arg(value: str | None):
     return value
 
 
+VERDICT_LEGEND = ("verdicts: 'indistinguishable from baseline' = the true-drop interval lies inside your benchmark's "
+                  "noise; 'likely within noise' = the point is; minor < 5% < noticeable < 15% < severe; "
+                  "'collapse risk' = KLD >= 1 nat (gibberish)")
+
+
 def render_table(result) -> str:
-    m = result.model
+    m, b = result.model, result.benchmark
     head = (f"{m.get('name') or m['path']}  ({m.get('architecture')}, {m['params_b']:.2f}B params, "
             f"family {m.get('family') or 'unknown'}, tier {result.tier}, task {result.task})")
-    lines = [head]
-    cols = ["preset", "GiB", "bpw", "KLD", "drop %", "80% interval", "fits", "verdict"]
+    bench = (f"your benchmark: {b.get('name') or result.task}, {b.get('n_items')} items, noise ±{b.get('noise_halfwidth_pp', 0):.1f} pp"
+             if b else "")
+    lines = [head, "drop = % of the baseline score (relative, positive = worse); true = 80% interval of the true drop; "
+                   f"bench = 80% interval of what {bench or 'a benchmark'} would measure; KLD = predicted mean "
+                   "KL divergence (nats/token); memory = weights + KV cache + 512 MiB runtime"]
+    cols = ["preset", "GiB", "bpw", "memory GiB", "KLD", "drop %", "true 80%", "bench 80%", "fits", "verdict"]
     rows = []
     for p in result.predictions:
-        rows.append([p.preset, f"{p.tensor_bytes / GIB:.2f}", f"{p.bits_per_weight:.2f}", f"{p.kld:.4f}",
-                     f"{p.drop_pct:.1f}", f"{p.drop_low:.1f} .. {p.drop_high:.1f}",
+        rows.append([p.preset, f"{p.tensor_bytes / GIB:.2f}", f"{p.bits_per_weight:.2f}",
+                     f"{p.memory_bytes / GIB:.2f}" if p.memory_bytes else "–", f"{p.kld:.4f}", f"{p.drop_pct:.1f}",
+                     f"{p.drop_true_low:.1f} .. {p.drop_true_high:.1f}", f"{p.drop_low:.1f} .. {p.drop_high:.1f}",
                      "–" if p.fits is None else ("yes" if p.fits else "no"), p.verdict])
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     lines.append("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
@@ -42,7 +52,13 @@ def render_table(result) -> str:
         lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)))
     rec = result.recommendation
     lines.append(f"recommendation: {rec.preset or 'none'} — {rec.reason}")
-    for note in m.get("notes", []):
+    if rec.preset is None and m.get("memory_budget_bytes") and result.predictions:
+        small = min(result.predictions, key=lambda p: p.memory_bytes or p.tensor_bytes)
+        lines.append(f"  smallest preset {small.preset} needs {small.memory_bytes / GIB:.2f} GiB against a budget of "
+                     f"{m['memory_budget_bytes'] / GIB:.2f} GiB (KV cache {(m.get('kv_cache_bytes') or 0) / GIB:.2f} GiB "
+                     f"at {m.get('context')} tokens): a shorter --context or --kv-type q8_0 shrinks the cache")
+    lines.append(VERDICT_LEGEND)
+    for note in result.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
 
@@ -50,20 +66,22 @@ def render_table(result) -> str:
 def render_csv(results) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["task", "tier", "preset", "drop_pct", "drop_low", "drop_high", "kld", "tensor_bytes",
-                "bits_per_weight", "fits", "verdict", "recommended"])
+    w.writerow(["task", "tier", "preset", "drop_pct", "drop_low", "drop_high", "drop_true_low", "drop_true_high",
+                "kld", "tensor_bytes", "memory_bytes", "bits_per_weight", "fits", "verdict", "recommended"])
     for r in results:
         for p in r.predictions:
-            w.writerow([r.task, r.tier, p.preset, p.drop_pct, p.drop_low, p.drop_high, p.kld, p.tensor_bytes,
-                        p.bits_per_weight, "" if p.fits is None else p.fits, p.verdict,
-                        p.preset == r.recommendation.preset])
+            w.writerow([r.task, r.tier, p.preset, p.drop_pct, p.drop_low, p.drop_high, p.drop_true_low,
+                        p.drop_true_high, p.kld, p.tensor_bytes, p.memory_bytes, p.bits_per_weight,
+                        "" if p.fits is None else p.fits, p.verdict, p.preset == r.recommendation.preset])
     return buf.getvalue()
 
 
 @click.command("predict")
 @click.argument("model", type=click.Path(exists=True))
 @click.option("--task", "-t", default="math", show_default=True,
-              help=f"Task category: {', '.join(TASKS)} or all.")
+              help=f"Task category ({', '.join(TASKS)}, all) or a benchmark name (gsm8k, mmlu, humaneval, ifeval, ...).")
+@click.option("--bench-n", type=click.IntRange(min=1),
+              help="Items in the benchmark you would measure with [default: the task's standard test size].")
 @click.option("--imatrix", help="llama.cpp imatrix file (.gguf/.dat), or 'yes' to assume one will be used.")
 @click.option("--memory", help="Memory budget for weights + KV cache, e.g. 8GB (GB = GiB).")
 @click.option("--context", type=int, help="Context length for the KV cache [default: 4096].")
@@ -74,7 +92,7 @@ def render_csv(results) -> str:
 @click.option("--model-dir", type=click.Path(file_okay=False), help="Trained predictor [default: models/default].")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also draw predicted drop vs file size to FILE.png.")
-def command(model, task, imatrix, memory, context, kv_type, tolerance, train_tokens, model_dir, fmt, plot):
+def command(model, task, bench_n, imatrix, memory, context, kv_type, tolerance, train_tokens, model_dir, fmt, plot):
     """Predict the accuracy drop of MODEL at every llama.cpp preset and recommend one.
 
     MODEL: a safetensors file, a model folder, a GGUF, or just a config.json.
@@ -83,8 +101,9 @@ def command(model, task, imatrix, memory, context, kv_type, tolerance, train_tok
     Examples:
       quantpredict examples/Meta-Llama-3-8B-Instruct/config.json --task math --memory 8GB
       quantpredict predict ./Qwen3-8B/ --task all --imatrix imatrix.gguf --format json
+      quantpredict config.json --task gsm8k --bench-n 250
     """
-    res = predict(model, task=task, imatrix=_imatrix_arg(imatrix), memory=memory, context=context,
+    res = predict(model, task=task, bench_n=bench_n, imatrix=_imatrix_arg(imatrix), memory=memory, context=context,
                   kv_type=kv_type, tolerance=tolerance, train_tokens=train_tokens, model_dir=model_dir,
                   progress=stderr_progress("reading weights"))
     results = res if isinstance(res, list) else [res]
@@ -104,7 +123,7 @@ def command(model, task, imatrix, memory, context, kv_type, tolerance, train_tok
 @click.option("--training-data", type=click.Path(file_okay=False, exists=True),
               help="training_data folder [default: the repository's].")
 @click.option("--out", "-o", default="models/default", show_default=True, type=click.Path(file_okay=False))
-@click.option("--no-validate", is_flag=True, help="Skip grouped CV (no metrics or conformal widening in the card).")
+@click.option("--no-validate", is_flag=True, help="Skip grouped CV (no metrics; intervals from training residuals, flagged in the card).")
 def train_command(training_data, out, no_validate):
     """Fit the predictor on training_data/ and write models/default (deterministic).
 

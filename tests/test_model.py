@@ -12,9 +12,9 @@ import pytest
 
 from predictor.errors import InputFileError, SchemaError
 from predictor.model import quantspec as qs
-from predictor.model.estimator import BaseCurve, DistortionModel, DropRegressor
-from predictor.model.features import STAGE_B_FEATURES, build_tables
-from predictor.model.train import BASE_FILE, BOOSTER_FILES, fit_predictor, load_model, stage_b_matrix, train
+from predictor.model.estimator import DistortionModel, DropCurve, IntervalModel
+from predictor.model.features import ROLE_FEATURES, STAGE_A_FEATURES, build_tables, imputed_noise_pp, row_noise_pp
+from predictor.model.train import MODEL_FILES, fit_predictor, load_model, new_stage_a, stage_a_matrix, train
 from predictor.model.validate import _pick, folklore_drop, ranking_metrics
 from predictor.quant.recipes import RecipeModel
 
@@ -55,6 +55,8 @@ def test_type_mix_follows_the_real_recipe(type_ref):
     assert q2.type_shares.get("Q4_0", 0) > 0.5 and "Q2_K" not in q2.type_shares
     assert math.isclose(sum(q2.type_shares.values()), 1.0)
     assert q2.ref_rmse == pytest.approx(qs.mix_ref_rmse(q2.type_shares, type_ref))
+    # the role parts add up to the element-weighted error
+    assert sum(q2.role_mse.values()) == pytest.approx(q2.ref_rmse**2)
     assert plans["Q8_0"].ref_rmse < q2.ref_rmse
     assert plans["Q8_0"].bits_per_weight > q2.bits_per_weight
 
@@ -66,95 +68,140 @@ def test_nominal_bits():
     assert qs.preset_nominal_bits("IQ1_S") == 1.5
 
 
-def test_tables_have_targets_and_features(small_tables):
+def test_role_parts_see_what_q3_k_m_upgrades(type_ref):
+    """Q3_K_M gives attn_v and ffn_down more bits than Q3_K_S: their role parts shrink, the rest do not."""
+    row = {"model": "x", "gguf_arch": "llama", "n_layers": 32, "hidden_size": 4096, "ffn_size": 14336, "n_heads": 32,
+           "n_kv_heads": 8, "vocab_size": 128256, "tied_embeddings": False}
+    specs = qs.gguf_specs_from_metadata(qs.metadata_from_registry(row))
+    rm = RecipeModel(arch="llama", n_layers=32, n_head=32, n_head_kv=8)
+    p = qs.plan_presets(specs, rm, ["Q3_K_S", "Q3_K_M"], type_ref, has_imatrix=False)
+    s, m = p["Q3_K_S"].role_mse, p["Q3_K_M"].role_mse
+    assert m["attn_v"] < 0.5 * s["attn_v"] and m["ffn_down"] < 0.5 * s["ffn_down"]
+    assert m["ffn_up_gate"] == pytest.approx(s["ffn_up_gate"])
+    # integer methods leave the embedding and output head in 16 bits
+    shares = qs.block_role_shares(specs)
+    assert sum(shares.values()) == pytest.approx(1.0)
+    e = qs.integer_role_mse(0.1, shares)
+    assert e["output"] == e["token_embd"] == 0.0 and e["ffn_down"] == pytest.approx(shares["ffn_down"] * 0.01)
+
+
+def test_tables_have_targets_features_and_noise(small_tables):
     a, b = small_tables.stage_a, small_tables.stage_b
     assert a.height > 50 and b.height > 200
     assert np.isfinite(a.get_column("y").to_numpy()).all()
     assert set(b.get_column("task_category").unique()) <= {"math", "code", "knowledge", "chat", "reasoning"}
     assert b.get_column("y").min() >= -30 and b.get_column("y").max() <= 100
-    # our measured rows are picked up when present
-    if (REPO / "training_data" / "measured" / "distortion.csv").is_file():
-        assert (a.get_column("src") == "measured").any()
+    assert set(STAGE_A_FEATURES) <= set(a.columns)
+    # our measured rows, the self-trained family among them, are in Stage A
+    assert (a.get_column("src") == "measured").any() and (a.get_column("family") == "quantpredict-family").any()
+    # every accuracy row has a noise estimate; pairs against a preset carry the reference's role errors
+    assert b.get_column("noise_pp").is_not_nan().all()
+    pairs = b.filter(pl.col("ref_quant").is_not_null())
+    assert pairs.height and (pairs.get_column("ref_e_ffn_down") > 0).all()
 
 
-def test_stage_a_roundtrip_and_physics(small_tables):
-    sa, _ = fit_predictor(small_tables, stage_b_rows=small_tables.stage_b.head(200))
-    # more weight error -> more distortion
-    assert sa.coef_[sa.feature_names.index("log_ref_mse")] > 0.5
-    again = DistortionModel.from_dict(json.loads(json.dumps(sa.to_dict())))
-    X = np.random.default_rng(0).normal(size=(5, len(sa.feature_names)))
-    np.testing.assert_array_equal(sa.predict(X), again.predict(X))
+def test_noise_from_stderr_or_imputed_from_item_count():
+    assert row_noise_pp(50.0, 40.0, 1.0, 1.0, None) == (pytest.approx(100 * math.hypot(1, 1) / 50), False)
+    noise, imputed = row_noise_pp(50.0, 50.0, None, None, 1319)  # GSM8K-sized, 50% baseline
+    assert imputed and noise == pytest.approx(100 * math.sqrt(2 * 0.25 / 1319) / 0.5)
+    assert imputed_noise_pp(50.0, 100) > imputed_noise_pp(50.0, 1000) > imputed_noise_pp(90.0, 1000)
 
 
-@pytest.mark.parametrize("base", [None, ["log_kld", "task_category"]])
-def test_drop_regressor_text_roundtrip_and_monotone(small_tables, base):
+def test_stage_a_recovers_role_weights_floor_and_method_sign():
+    """Synthetic data from the model's own form: the fit finds the heavy role, the floor, and keeps
+    GPTQ no worse than RTN even when the data would push it the other way."""
     rng = np.random.default_rng(0)
-    n = 400
-    X = np.column_stack([rng.uniform(-8, 1, n), rng.integers(0, 5, n), rng.uniform(-1, 4, n), rng.uniform(2, 8, n),
-                         rng.integers(0, 2, n)])
-    y = np.exp(X[:, 0]) * 20 + rng.normal(0, 1, n)
-    m = DropRegressor(feature_names=STAGE_B_FEATURES, categorical=["task_category"],
-                      monotone_increasing=["log_kld"], n_estimators=60, base=base).fit(X, y)
-    grid = np.column_stack([np.linspace(-8, 1, 30), np.full(30, 2.0), np.full(30, 1.0), np.full(30, 5.0),
-                            np.ones(30)])
-    mid, lo, hi = m.predict(grid)
-    assert np.all(np.diff(mid) >= -1e-9)
-    assert np.all(lo <= mid) and np.all(mid <= hi)
-    again = DropRegressor.from_texts(m.model_texts(), m.get_params(), m.base_dict())
-    for a, b in zip(m.predict(grid), again.predict(grid)):
-        np.testing.assert_array_equal(a, b)
-    if base:
-        with pytest.raises(SchemaError):
-            DropRegressor.from_texts(m.model_texts(), m.get_params(), None)
+    n, k = 400, len(ROLE_FEATURES)
+    E = rng.uniform(0, 1e-2, size=(n, k)) * rng.uniform(0.01, 1, size=(n, 1))
+    lp = rng.uniform(-2, 4, n)
+    w_true = np.ones(k)
+    w_true[1] = 8.0  # attn_v
+    floor = 2e-4
+    y = 1.5 + 1.0 * np.log(E @ w_true + floor) - 0.3 * lp + rng.normal(0, 0.05, n)
+    X = np.column_stack([E, np.zeros(n), lp, np.zeros((n, 2)), np.zeros((n, 6))])
+    gptq = rng.random(n) < 0.2
+    X[gptq, -6] = 1.0
+    y[gptq] += 0.5  # data claiming GPTQ is worse
+    sa = DistortionModel(role_features=ROLE_FEATURES, size_features=["log_params"], offset_features=["is_ppl", "is_own"],
+                         method_features=[f"m{i}" for i in range(6)], role_shrink=0.1).fit(X, y)
+    p = sa.params()
+    assert p["gamma"] == pytest.approx(1.0, abs=0.1)
+    assert math.exp(p["role_log_weight"]["e_attn_v"]) > 4.0
+    assert math.exp(p["floor_log_mse"]) == pytest.approx(floor, rel=0.5)
+    assert p["method"]["m0"] <= 0.0
+    again = DistortionModel.from_dict(json.loads(json.dumps(sa.to_dict())))
+    np.testing.assert_array_equal(sa.predict(X[:20]), again.predict(X[:20]))
+    assert not sa.in_range(np.column_stack([X[:1, :k + 1], [[10.0]], X[:1, k + 2:]]))[0]
 
 
-def test_base_curve_recovers_per_category_sensitivity():
-    """drop = top_g (1 - exp(-exp(a_g + b ln KLD))): a sparse category keeps its own, steeper curve."""
+def test_drop_curve_per_category_task_and_pairs():
+    """Categories keep their own slopes, a benchmark its offset; pair rows (against Q8_0) are fitted
+    as the difference of two points; the curve is strictly increasing and 0 at KLD -> 0."""
     rng = np.random.default_rng(1)
-    x = rng.uniform(-6, 1, 600)
-    g = np.where(np.arange(600) < 60, 0, 2)  # category 0 (math) has 10x fewer rows
-    a = np.where(g == 0, 1.5, 0.0)
-    top = np.where(g == 0, 100.0, 60.0)
-    y = top * -np.expm1(-np.exp(a + 1.2 * x)) + rng.normal(0, 0.5, 600)
-    c = BaseCurve().fit(x, g, y, np.ones(600))
-    assert c.b_ == pytest.approx(1.2, rel=0.1)
-    assert c.a_[0] == pytest.approx(1.5, abs=0.3) and c.a_[2] == pytest.approx(0.0, abs=0.2)
-    assert c.top_[2] == pytest.approx(60.0, abs=3.0)
-    pred = c.predict(np.array([-3.0, -3.0, -3.0]), np.array([0, 2, 5]))  # 5: unseen -> shared
-    assert pred[0] > pred[1] > 0 and np.isfinite(pred[2])
-    assert BaseCurve.from_dict(c.to_dict()).predict(x[:5], g[:5]).tolist() == c.predict(x[:5], g[:5]).tolist()
+    n = 900
+    x = rng.uniform(-7, 1, n)
+    c = np.where(np.arange(n) < 300, "math", "reasoning")
+    t = np.where(np.arange(n) < 150, "GSM8K", np.where(np.arange(n) < 300, "MATH", "ARC"))
+    a = np.where(c == "math", 0.5, -1.0) + np.where(t == "GSM8K", 0.7, 0.0)
+    b = np.where(c == "math", 1.4, 0.9)
+    top = np.where(c == "math", 100.0, 60.0)
+    f = DropCurve.curve(a + b * x, top)
+    x_ref = np.where(rng.random(n) < 0.2, x - 3.0, np.nan)
+    y = DropCurve.relative_to(f, np.where(np.isfinite(x_ref), DropCurve.curve(a + b * np.nan_to_num(x_ref), top), np.nan))
+    y = y + rng.normal(0, 0.3, n)
+    cv = DropCurve(min_task_rows=3).fit(x, x_ref, c, t, y, np.ones(n))
+    assert cv.category_["math"]["b"] == pytest.approx(1.4, abs=0.25)
+    assert cv.category_["reasoning"]["b"] == pytest.approx(0.9, abs=0.2)
+    assert cv.task_offset_["GSM8K"] - cv.task_offset_["MATH"] == pytest.approx(0.7, abs=0.3)
+    grid = np.linspace(-12, 2, 50)
+    p = cv.predict(grid, ["math"] * 50, ["GSM8K"] * 50)
+    assert np.all(np.diff(p) > 0) and p[0] < 0.01 and p.max() <= 100.0
+    assert cv.predict([-2.0], ["chat"], [""])[0] > 0  # unseen category -> the shared curve
+    assert DropCurve.from_dict(json.loads(json.dumps(cv.to_dict()))).predict(grid, ["math"] * 50, ["GSM8K"] * 50).tolist() == p.tolist()
     with pytest.raises(SchemaError):
-        BaseCurve.from_dict({"kind": "cloglog"})
+        DropCurve.from_dict({"kind": "cloglog"})
+
+
+def test_interval_model_separates_model_error_from_benchmark_noise():
+    rng = np.random.default_rng(2)
+    n = 3000
+    point = rng.uniform(0, 20, n)
+    noise = rng.choice([0.5, 10.0], n)
+    resid = rng.normal(0, 1.0 + 0.2 * point) + rng.normal(0, 0.7 * noise)
+    im = IntervalModel(coverage=0.8).fit(point, resid, noise)
+    assert im.kappa_ == pytest.approx(0.7, abs=0.15)
+    assert im.beta_ == pytest.approx(0.2, abs=0.06)
+    inside = np.abs(resid) <= im.q_ * im.total_scale(point, noise)
+    assert inside.mean() == pytest.approx(0.8, abs=0.02)
+    assert IntervalModel.from_dict(im.to_dict()).q_ == im.q_
 
 
 def test_train_is_deterministic_and_pickle_free(small_tables, tmp_path):
     d1 = train(None, tmp_path / "m1", validate=False, tables=small_tables)
     d2 = train(None, tmp_path / "m2", validate=False, tables=small_tables)
-    for name in ("stage_a.json", BASE_FILE, *BOOSTER_FILES):
+    for name in MODEL_FILES:
         assert (d1 / name).read_bytes() == (d2 / name).read_bytes(), name
     c1, c2 = json.loads((d1 / "card.json").read_text()), json.loads((d2 / "card.json").read_text())
     c1.pop("name"), c2.pop("name")
     assert c1 == c2
-    assert c1["features"]["stage_b"] == STAGE_B_FEATURES
+    assert c1["features"]["stage_a"] == STAGE_A_FEATURES
     assert c1["training_data"]["hash"] == small_tables.data_hash
-    assert "lightgbm" in c1["package_versions"]
+    assert "NOT cross-validated" in c1["target"]["interval"]
     for f in d1.iterdir():
-        assert f.suffix in (".json", ".txt", ".md")
+        assert f.suffix in (".json", ".md")
         assert not f.read_bytes().startswith(b"\x80")  # pickle protocol header
     p = load_model(d1)
-    b = small_tables.stage_b.head(20)
-    lk = p.log_kld(b)
-    mid, lo, hi = p.drop(b, lk)
-    mid2, _, _ = p.stage_b.predict(stage_b_matrix(b, lk))
-    np.testing.assert_array_equal(mid, mid2)
+    lk = p.log_kld(small_tables.stage_b.head(20))
+    assert np.isfinite(lk).all()
 
 
 def test_shipped_model_loads_and_is_text_only():
     d = REPO / "models" / "default"
     p = load_model(d)
-    assert p.card["validation"] is not None
-    assert set(p.conformal) == {"model", "family", "model_other_methods", "family_other_methods"}
-    assert sorted(f.name for f in d.iterdir()) == sorted(["README.md", "card.json", "stage_a.json", BASE_FILE, *BOOSTER_FILES])
+    assert p.card["validation"] is not None and p.card["validation"]["weaknesses"]
+    assert set(p.intervals) == {"model/llama_cpp", "model/other_methods", "family/llama_cpp", "family/other_methods"}
+    assert sorted(f.name for f in d.iterdir()) == sorted(["README.md", "card.json", *MODEL_FILES])
+    assert "Where it is weak" in (d / "README.md").read_text()
     for src in (REPO / "predictor" / "model").glob("*.py"):
         text = src.read_text()
         assert "import pickle" not in text and "joblib" not in text
@@ -184,32 +231,25 @@ def test_folklore_and_recommendation_metrics():
     assert rho == 0.0 and agree == 0.0  # "no drop" picks the smallest file, the measurements do not
 
 
-def test_noisy_measured_rows_count_less(type_ref):
-    """Rows with standard errors get noise_pp = 100 * hypot(se_base, se_quant) / base and a weight
-    cut by 1 / (1 + (noise / NOISE_REF_PP)^2) against an otherwise identical row."""
-    from predictor.model.features import NOISE_REF_PP
+def test_noisy_rows_count_less(small_tables):
+    from predictor.model.features import GGUF_WEIGHT, NOISE_REF_PP
 
-    b = build_tables(REPO / "training_data", type_ref=type_ref).stage_b
-    noisy = b.filter(pl.col("noise_pp") > 0)
-    assert noisy.height and (noisy.get_column("src") == "measured").all()
-    r = noisy.row(0, named=True)
-    same_model = b.filter(pl.col("model") == r["model"])
-    n = same_model.height
-    expected = (1 / math.sqrt(n)) * (5.0 if r["is_gguf"] else 1.0) / (1 + (r["noise_pp"] / NOISE_REF_PP) ** 2)
+    b = small_tables.stage_b
+    r = b.filter(pl.col("noise_pp") > 5).row(0, named=True)
+    n = build_tables(REPO / "training_data").stage_b.filter(pl.col("model") == r["model"]).height
+    expected = (1 / math.sqrt(n)) * (GGUF_WEIGHT if r["is_gguf"] else 1.0) / (1 + (r["noise_pp"] / NOISE_REF_PP) ** 2)
     assert r["weight"] == pytest.approx(expected)
 
 
-def test_conformal_halfwidths_are_per_kind_of_row(small_tables):
+def test_cross_validation_reports_both_intervals(small_tables):
     from predictor.model.validate import cross_validate
 
     cv = cross_validate(small_tables)
-    assert set(cv.conformal) == {"model", "family", "model_other_methods", "family_other_methods"}
+    assert set(cv.intervals) == {"model/llama_cpp", "model/other_methods", "family/llama_cpp", "family/other_methods"}
     for scheme, df in cv.oof.items():
-        widen = (df.get_column("hi") - df.get_column("hi_raw")).to_numpy()
-        gguf = df.get_column("is_gguf").to_numpy()
-        fold = df.get_column("fold").to_numpy()
-        for k in np.unique(fold):  # one widening per (fold, kind of row)
-            for kind in (gguf, ~gguf):
-                sel = (fold == k) & kind
-                if sel.any():
-                    assert np.ptp(widen[sel]) < 1e-9
+        assert (df["true_lo"] <= df["pred_model"]).all() and (df["pred_model"] <= df["true_hi"]).all()
+        # the benchmark interval adds the row's own noise: never narrower than the true-drop interval
+        assert ((df["hi"] - df["lo"]) >= (df["true_hi"] - df["true_lo"]) - 1e-9).all()
+        s = cv.summary["schemes"][scheme]
+        assert {"model", "no_drop", "bpw_curve", "global_kld_curve", "folklore"} == set(s["methods"])
+        assert 0.0 <= s["intervals"]["all rows"]["bench_coverage"] <= 1.0

@@ -31,7 +31,8 @@ LLAMA3_CONFIG = {
     "_name_or_path": "meta-llama/Meta-Llama-3-8B-Instruct",
 }
 PRED_KEYS = {"preset": str, "drop_pct": float, "drop_low": float, "drop_high": float, "kld": float,
-             "tensor_bytes": int, "bits_per_weight": float, "verdict": str}
+             "tensor_bytes": int, "bits_per_weight": float, "verdict": str, "drop_true_low": float,
+             "drop_true_high": float, "drop_bench_low": float, "drop_bench_high": float, "memory_bytes": int}
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,10 @@ def llama3_config(tmp_path_factory):
 
 
 def _check_contract(obj: dict, task: str, tier: str) -> None:
-    assert set(obj) == {"model", "task", "tier", "predictions", "recommendation"}
+    assert set(obj) == {"schema_version", "model", "task", "tier", "benchmark", "predictions", "recommendation", "notes"}
+    assert obj["schema_version"] == 2 and isinstance(obj["notes"], list)
     assert obj["task"] == task and obj["tier"] == tier
+    assert obj["benchmark"]["n_items"] >= 1 and obj["benchmark"]["noise_pp"] > 0
     assert isinstance(obj["model"], dict)
     assert set(obj["recommendation"]) == {"preset", "reason"}
     assert obj["recommendation"]["preset"] is None or isinstance(obj["recommendation"]["preset"], str)
@@ -54,6 +57,11 @@ def _check_contract(obj: dict, task: str, tier: str) -> None:
             assert isinstance(p[k], t), (k, p[k])
         assert p["fits"] is None or isinstance(p["fits"], bool)
         assert p["drop_low"] <= p["drop_pct"] <= p["drop_high"]
+        assert p["drop_true_low"] <= p["drop_pct"] <= p["drop_true_high"]
+        assert (p["drop_low"], p["drop_high"]) == (p["drop_bench_low"], p["drop_bench_high"])
+        # the true drop is possible: 0..100; a measurement may show an "improvement" only within noise
+        assert 0.0 <= p["drop_true_low"] and p["drop_true_high"] <= 100.0 and p["drop_high"] <= 100.0
+        assert p["drop_low"] >= -obj["benchmark"]["noise_halfwidth_pp"] - 1e-9
 
 
 def test_config_only_tier_json_contract(llama3_config):
@@ -71,6 +79,42 @@ def test_config_only_tier_json_contract(llama3_config):
     # Q8_0 of an 8B model (7.95 GiB of weights) cannot fit 8 GiB with a KV cache; Q4_K_M can
     assert preds["Q8_0"]["fits"] is False and preds["Q4_K_M"]["fits"] is True
     assert preds["Q4_K_M"]["tensor_bytes"] == pytest.approx(4.58 * 2**30, rel=0.01)
+
+
+def test_no_ties_among_presets_of_five_bits_and_up(llama3_config):
+    res = predict(llama3_config, task="knowledge")
+    by = {p.preset: p for p in res.predictions}
+    order = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q3_K_M", "Q2_K"]
+    drops = [by[q].drop_pct for q in order]
+    klds = [by[q].kld for q in order]
+    assert klds == sorted(klds) and len(set(klds)) == len(klds)
+    assert drops == sorted(drops) and drops[0] < drops[1]  # Q8_0 below Q6_K: no saturation floor
+
+
+def test_task_accepts_a_benchmark_name(llama3_config):
+    gsm = predict(llama3_config, task="gsm8k")
+    assert gsm.task == "GSM8K" and gsm.benchmark["name"] == "GSM8K" and gsm.benchmark["n_items"] == 1319
+    small = predict(llama3_config, task="gsm8k", bench_n=100)
+    q4 = {p.preset: p for p in small.predictions}["Q4_K_M"]
+    q4_full = {p.preset: p for p in gsm.predictions}["Q4_K_M"]
+    assert q4.drop_pct == q4_full.drop_pct and q4.drop_true_high == q4_full.drop_true_high
+    assert q4.drop_high - q4.drop_low > q4_full.drop_high - q4_full.drop_low  # fewer items: wider bench interval
+    with pytest.raises(UsageError, match="bench_n"):
+        predict(llama3_config, task="gsm8k", bench_n=0)
+    with pytest.raises(UsageError, match="tolerance"):
+        predict(llama3_config, tolerance="3")
+
+
+def test_family_from_the_architecture_name(tmp_path):
+    # a Gemma-3 config whose dimensions no registry model has: family gemma3 from model_type
+    cfg = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 1152,
+           "intermediate_size": 6912, "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1,
+           "head_dim": 256, "vocab_size": 262144, "tie_word_embeddings": True}
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(cfg))
+    res = predict(p, task="knowledge")
+    assert res.model["family"] == "gemma3" and res.model["family_in_training_data"] is True
+    assert any("from the architecture name" in n for n in res.notes)
 
 
 def test_task_all_returns_one_object_per_task(llama3_config):
@@ -155,6 +199,9 @@ def test_weights_tier_on_safetensors_and_gguf(tmp_path):
     res = predict(folder, task="code", presets=["Q8_0", "Q4_K_M", "Q2_K"], sample_weights=1024)
     _check_contract(json.loads(json.dumps(res.as_dict())), "code", "weights")
     assert res.model["family_in_training_data"] is False  # a random model: priors, wider intervals
+    # 1M parameters on a 256-token vocabulary: inside the family data's range, so no clipping note is owed,
+    # but an 8192-token toy model would be outside the training-token range and must say so
+    assert all(p.drop_true_high <= 100.0 for p in res.predictions)
     gguf = tmp_path / "tiny.gguf"
     write_tiny_gguf(gguf, hidden=256, ffn=512, vocab=96, tensor_type="Q8_0")
     res = predict(gguf, task="math", presets=["Q6_K", "Q4_K_M"], sample_weights=1024)

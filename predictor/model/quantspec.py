@@ -13,7 +13,7 @@ sensitive a given model is).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -29,6 +29,7 @@ from predictor.quant.recipes import (
     get_preset,
     is_quantizable,
     requires_imatrix,
+    tensor_role,
 )
 from predictor.quant.sizes import n_elements, tensor_bytes
 
@@ -40,6 +41,20 @@ METHOD_CLASSES = ("llama.cpp", "rtn", "gptq", "awq", "autoround", "hqq", "omniqu
 _METHOD_ALIASES = {"autoround-rtn": "autoround", "gguf": "llama.cpp"}
 # Types ggml refuses to quantize without an importance matrix: the reference uses a flat one.
 _NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S"}
+# Tensor roles whose share of the error Stage A weighs separately. llama.cpp's presets differ mostly
+# in which roles get more bits (attn_v, ffn_down, output), and those are small by element count but
+# large in output distortion; Q and K (and gate and up) are upgraded together, so they share a weight.
+ROLE_GROUPS = ("attn_qk", "attn_v", "attn_output", "ffn_up_gate", "ffn_down", "output", "token_embd", "other")
+_ROLE_GROUP = {"attn_q": "attn_qk", "attn_k": "attn_qk", "attn_v": "attn_v", "attn_output": "attn_output",
+               "ffn_up": "ffn_up_gate", "ffn_gate": "ffn_up_gate", "ffn_down": "ffn_down", "output": "output",
+               "token_embd": "token_embd"}
+# Integer methods (RTN/GPTQ/AWQ/...) quantize the transformer blocks' linear layers only.
+_BLOCK_GROUPS = ("attn_qk", "attn_v", "attn_output", "ffn_up_gate", "ffn_down", "other")
+
+
+def role_group(tensor_name: str) -> str:
+    """ROLE_GROUPS entry of a GGUF tensor name (blk.3.attn_q.weight -> attn_qk)."""
+    return _ROLE_GROUP.get(tensor_role(tensor_name), "other")
 
 
 def reference_sample() -> np.ndarray:
@@ -133,16 +148,19 @@ class PresetPlan:
     type_shares: dict[str, float]  # GGML type -> share of the quantizable weights
     ref_rmse: float  # element-weighted reference error of the type mix
     needs_imatrix: bool
+    # role group -> Σ_{tensors of the role} n_t · ref_t² / n_quantizable: each role's part of ref_rmse²
+    role_mse: dict[str, float] = field(default_factory=dict)
+
+
+def _type_ref(type_ref: Mapping[str, float], t: str) -> float:
+    if t not in type_ref:
+        raise UnsupportedError(f"no reference error for GGML type {t}")
+    return type_ref[t]
 
 
 def mix_ref_rmse(type_shares: Mapping[str, float], type_ref: Mapping[str, float]) -> float:
     """sqrt(Σ share_t · rmse_t²): squared errors add by element count."""
-    tot = 0.0
-    for t, s in type_shares.items():
-        if t not in type_ref:
-            raise UnsupportedError(f"no reference error for GGML type {t}")
-        tot += s * type_ref[t] ** 2
-    return math.sqrt(tot)
+    return math.sqrt(sum(s * _type_ref(type_ref, t) ** 2 for t, s in type_shares.items()))
 
 
 def plan_presets(
@@ -166,6 +184,7 @@ def plan_presets(
             continue
         total = n_all = n_q = 0
         counts: dict[str, int] = {}
+        role_counts: dict[tuple[str, str], int] = {}
         for tname, t in types.items():
             ne = shapes[tname]
             total += tensor_bytes(t, ne)
@@ -174,7 +193,12 @@ def plan_presets(
             if is_quantizable(tname, ne):
                 n_q += n
                 counts[t] = counts.get(t, 0) + n
+                key = (role_group(tname), t)
+                role_counts[key] = role_counts.get(key, 0) + n
         shares = {t: c / n_q for t, c in sorted(counts.items())} if n_q else {}
+        role_mse = dict.fromkeys(ROLE_GROUPS, 0.0)
+        for (g, t), c in role_counts.items():
+            role_mse[g] += c / n_q * _type_ref(type_ref, t) ** 2
         out[p.name] = PresetPlan(
             preset=p.name,
             tensor_bytes=total,
@@ -182,8 +206,25 @@ def plan_presets(
             type_shares=shares,
             ref_rmse=mix_ref_rmse(shares, type_ref),
             needs_imatrix=requires_imatrix(p, types),
+            role_mse=role_mse,
         )
     return out
+
+
+def block_role_shares(specs: Sequence[tuple[str, Sequence[int]]]) -> dict[str, float]:
+    """Share of all quantizable elements held by each role group (token_embd and output included)."""
+    counts = dict.fromkeys(ROLE_GROUPS, 0)
+    for tname, ne in specs:
+        if is_quantizable(tname, ne):
+            counts[role_group(tname)] += n_elements(ne)
+    n = sum(counts.values())
+    return {g: c / n for g, c in counts.items()} if n else {}
+
+
+def integer_role_mse(ref_rmse: float, shares: Mapping[str, float]) -> dict[str, float]:
+    """Role parts of an integer method's error: the blocks' linear layers at `ref_rmse`, the token
+    embedding and output head left in 16 bits (as GPTQ/AWQ/RTN checkpoints keep them)."""
+    return {g: (shares.get(g, 0.0) * ref_rmse**2 if g in _BLOCK_GROUPS else 0.0) for g in ROLE_GROUPS}
 
 
 def preset_nominal_bits(preset: str) -> float:
@@ -214,6 +255,10 @@ def is_known_preset(name: str) -> bool:
 
 __all__ = [
     "METHOD_CLASSES",
+    "ROLE_GROUPS",
+    "block_role_shares",
+    "integer_role_mse",
+    "role_group",
     "PRESETS",
     "PresetPlan",
     "compute_type_ref_rmse",
